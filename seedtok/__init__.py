@@ -1,0 +1,1 @@
+"""seedtok — a SEED-style causal 1D semantic image tokenizer."""
