@@ -1,0 +1,379 @@
+"""What every training recipe needs and none should write again: processes, precision, checkpoints, logs.
+
+* :func:`init_distributed` — one process, or several under ``torchrun`` / the ``deepspeed``
+  launcher (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``, or ``--local_rank``): NCCL on GPUs, gloo on
+  CPU.
+* :func:`autocast` — bf16 autocast where the device supports it (the fast path on AVX-512 bf16
+  CPUs and on GPUs), a no-op for fp32. Never fp16 on CPU.
+* :class:`CheckpointManager` — atomic, resumable checkpoints: model weights in safetensors,
+  optimizer / scheduler / RNG / data position in a ``torch.save`` file read back with
+  ``weights_only=True``; a checkpoint directory is written under a temporary name and renamed
+  into place, so a crash mid-write leaves the previous one intact.
+* :class:`MetricsLogger` — JSONL log (one row a step) that a loss-curve PNG is drawn from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from seedtok.errors import CheckpointError
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str = "auto", backend: str | None = None) -> DistInfo:
+    """Join the process group if a launcher started us; otherwise run as a single process.
+
+    ``device``: ``auto`` (CUDA if present, else CPU), ``cpu`` or ``cuda``. The backend defaults to
+    NCCL for CUDA and gloo for CPU.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = (device == "cuda") or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device 'cuda' requested but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend=backend or ("nccl" if use_cuda else "gloo"))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean(value: float, info: DistInfo) -> float:
+    if not info.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item() / info.world_size)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------------
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # oneDNN has fast bf16 matmuls only with AVX-512 bf16 / AMX; elsewhere bf16 is emulated.
+        try:
+            return bool(torch.backends.mkldnn.is_available()) and "avx512_bf16" in _cpu_flags()
+        except Exception:
+            return False
+    return False
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return ""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → bf16 where supported, else fp32. fp16 is refused on CPU (≈2 GFLOP/s here)."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise CheckpointError("fp16 is not supported on CPU (use bf16 or fp32)")
+    return precision
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast context for ``bf16``/``fp16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate()[1],  # tuple of ints (the Mersenne state) — weights_only-safe
+        "python_pos": random.getstate()[2],
+        "torch": torch.get_rng_state(),
+    }
+    np_state = np.random.get_state()
+    state["numpy_keys"] = torch.from_numpy(np_state[1].astype(np.int64))
+    state["numpy_pos"] = int(np_state[2])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Atomic, resumable checkpoints under ``root/step_XXXXXXXX`` with a ``latest`` pointer.
+
+    Layout of one checkpoint::
+
+        step_00001000/model.safetensors   trainable weights (safetensors)
+        step_00001000/state.pt            optimizer, scheduler, RNG, step, data position, extras
+        step_00001000/meta.json           step and the resolved config
+
+    The directory is written as ``.tmp-step_…`` and renamed into place only when complete, then
+    ``latest`` is replaced atomically. Old checkpoints beyond ``keep`` are removed afterwards.
+    """
+
+    def __init__(self, root: str | os.PathLike, keep: int = 2):
+        self.root = Path(root)
+        self.keep = keep
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            cand = self.root / pointer.read_text().strip()
+            if (cand / "meta.json").is_file():
+                return cand
+        # Fall back to the newest complete directory (e.g. if the pointer write was interrupted).
+        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+        return done[-1] if done else None
+
+    def save(
+        self,
+        step: int,
+        model_state: dict[str, torch.Tensor],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        extra: dict[str, Any] | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"step_{step:08d}"
+        final = self.root / name
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
+            save_file(tensors, str(tmp / "model.safetensors"))
+            state = {
+                "step": step,
+                "rng": _rng_state(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "extra": extra or {},
+            }
+            torch.save(state, tmp / "state.pt")
+            (tmp / "meta.json").write_text(json.dumps({"step": step, "config": config or {}}, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        pointer_tmp = self.root / f".latest.tmp{os.getpid()}"
+        pointer_tmp.write_text(name)
+        os.replace(pointer_tmp, self.root / "latest")
+        self._prune(keep_name=name)
+        return final
+
+    def _prune(self, keep_name: str) -> None:
+        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
+        for old in done[: max(0, len(done) - self.keep)]:
+            if old.name != keep_name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(
+        self,
+        path: Path | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        restore_rng: bool = True,
+    ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
+        """Load a checkpoint (default: the latest). Returns ``(step, model_state, extra)``."""
+        path = path or self.latest()
+        if path is None:
+            raise CheckpointError(f"no checkpoint found under {self.root}")
+        for f in ("model.safetensors", "state.pt", "meta.json"):
+            if not (path / f).is_file():
+                raise CheckpointError(f"checkpoint {path} is incomplete: missing {f}")
+        model_state = load_file(str(path / "model.safetensors"))
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as e:  # a corrupt file, or one holding non-tensor objects
+            raise CheckpointError(f"checkpoint {path}/state.pt cannot be read safely: {type(e).__name__}") from None
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if restore_rng:
+            _set_rng_state(state["rng"])
+        return int(state["step"]), model_state, state.get("extra", {})
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict`` that turns missing / unexpected / mis-shaped keys into one-line errors."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape mismatch {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
+        raise CheckpointError(f"{what} does not match the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------------------------
+class MetricsLogger:
+    """Appends one JSON row per logged step to ``path`` (main process only)."""
+
+    def __init__(self, path: str | os.PathLike | None, enabled: bool = True):
+        self.path = Path(path) if path else None
+        self.enabled = enabled and self.path is not None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+
+    def log(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        for k, v in values.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                values[k] = str(v)
+        row = {"step": step, "time": round(time.perf_counter() - self._t0, 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                yield json.loads(line)
+
+
+def plot_loss_curves(log_path: str | os.PathLike, out_png: str | os.PathLike, keys: list[str], title: str = "") -> Path | None:
+    """Draw the logged curves with matplotlib if it is installed; return the PNG path or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = list(read_jsonl(log_path))
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        if pts:
+            ax.plot(*zip(*pts), label=key)
+    ax.set_xlabel("step")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+class NonFiniteLossError(CheckpointError):
+    """Training produced a NaN/inf loss."""
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not torch.isfinite(loss).all():
+        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step}; last checkpoint is kept")
+
+
+@contextmanager
+def timed() -> Iterator[dict[str, float]]:
+    box = {"seconds": 0.0}
+    t0 = time.perf_counter()
+    try:
+        yield box
+    finally:
+        box["seconds"] = time.perf_counter() - t0
