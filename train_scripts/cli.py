@@ -25,7 +25,7 @@ from seedtok.errors import SeedError
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines import cli as data_cli
     from eval import cli as eval_cli
-    from train_scripts import demo_cli
+    from train_scripts import demo_cli, tokenizer_cli
 
     parser = argparse.ArgumentParser(
         prog="seed",
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     data_cli.register(sub)
+    tokenizer_cli.register(sub)
     eval_cli.register(sub)
     demo_cli.register(sub)
     return parser

@@ -1,0 +1,136 @@
+"""Tokenizer recipes on tiny models: stage 0 CLIP, stage 1 Q-Former, stage 2 quantiser — they learn,
+save loadable directories, resume exactly, and run under 2 CPU processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_pipelines.shapes import ShapesConfig
+from eval.tokenizer_metrics import evaluate_tokenizer, recorded_clip_dir
+from seedtok.quantizers import QuantizerConfig
+from seedtok.tokenizer import DecoderConfig, QFormerConfig, SeedTokenizer, SeedTokenizerConfig
+from train_scripts.train_clip import ClipTrainConfig, train_clip
+from train_scripts.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+
+SHAPES = ShapesConfig(image_size=32)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _clip_cfg(out: Path, **kw) -> ClipTrainConfig:
+    base = dict(out=str(out), shapes=SHAPES, n_train=256, n_val=64, patch_size=8, vision_width=32,
+                vision_layers=2, text_width=32, text_layers=1, heads=2, projection_dim=16, steps=80,
+                batch_size=64, lr=3e-3, warmup=3, log_every=5, eval_every=0, ckpt_every=1000,
+                precision="fp32", progress=False)
+    base.update(kw)
+    return ClipTrainConfig(**base)
+
+
+def _tok_cfg() -> SeedTokenizerConfig:
+    return SeedTokenizerConfig(
+        qformer=QFormerConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, dropout=0.0),
+        num_queries=8,
+        quantizer=QuantizerConfig(type="vq", codebook_size=64, dim=8, decay=0.9, kmeans_init=True,
+                                  dead_code_threshold=1.0),
+        decoder=DecoderConfig(num_layers=1, num_heads=2, down_dims=[16, 8]),
+        embed_dim=0,
+    )
+
+
+def _stage_cfg(out: Path, stage: int, **kw) -> TokenizerTrainConfig:
+    base = dict(stage=stage, out=str(out), tokenizer=_tok_cfg(), shapes=SHAPES, n_train=256, n_val=64,
+                steps=30, batch_size=64, lr=3e-3, warmup=3, log_every=5, ckpt_every=1000,
+                precision="fp32", progress=False, cache_dir=str(out.parent / "cache"))
+    base.update(kw)
+    return TokenizerTrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Stage 0 → 1 → 2 on tiny models (shared by the tests below)."""
+    root = tmp_path_factory.mktemp("tok")
+    clip_metrics = train_clip(_clip_cfg(root / "clip"))
+    train_tokenizer(_stage_cfg(root / "s1", 1, vision_path=str(root / "clip/model")))
+    s2 = train_tokenizer(_stage_cfg(root / "s2", 2, init_from=str(root / "s1/model"), steps=40))
+    return root, clip_metrics, s2
+
+
+def test_stage0_clip_learns_and_saves_an_ordinary_clip_dir(trained):
+    from transformers import AutoTokenizer, CLIPModel
+
+    root, metrics, _ = trained
+    rows = [r for r in _rows(root / "clip/log.jsonl") if "loss" in r]
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"]
+    assert 0.0 <= metrics["val_t2i_R@1"] <= 1.0
+    model = CLIPModel.from_pretrained(root / "clip/model")
+    tok = AutoTokenizer.from_pretrained(root / "clip/model")
+    ids = tok(["a large red circle in the top left"], return_tensors="pt")
+    assert "<|endoftext|>" not in tok.convert_ids_to_tokens(ids["input_ids"][0][1:-1])  # every word known
+    assert model.get_text_features(**ids).pooler_output.shape == (1, 16)
+
+
+def test_stage1_and_stage2_learn(trained):
+    root, _, s2 = trained
+    s1_rows = [r for r in _rows(root / "s1/log.jsonl") if "loss" in r]
+    assert s1_rows[-1]["loss"] < s1_rows[0]["loss"]
+    s2_rows = [r for r in _rows(root / "s2/log.jsonl") if "loss" in r]
+    assert s2_rows[-1]["cosine"] < s2_rows[0]["cosine"]  # query reconstruction improves
+    assert s2["code_usage"] > 0.3 and s2["code_perplexity"] > 10
+    assert 0.0 < s2["embed_cosine"] <= 1.0
+
+
+def test_saved_tokenizer_round_trip_and_eval(trained):
+    root, _, s2 = trained
+    tok = SeedTokenizer.from_pretrained(root / "s2/model")
+    assert tok.codebook_size == 64 and tok.num_tokens == 8
+    from data_pipelines.shapes import ShapesWorld
+
+    images = [r.image for r in ShapesWorld(SHAPES).generate("test", 6)]
+    a = tok.encode(images).codes
+    b = SeedTokenizer.from_pretrained(root / "s2/model").encode(images).codes
+    assert a.shape == (6, 8) and torch.equal(a, b)
+    assert recorded_clip_dir(str(root / "s2/model")) == str((root / "clip/model").resolve())
+    m = evaluate_tokenizer(str(root / "s2/model"), split="validation", n=64, shapes=SHAPES, progress=False)
+    assert m["code_usage"] == pytest.approx(s2["code_usage"]) and m["t2i_R@1"] == pytest.approx(s2["t2i_R@1"])
+
+
+def test_stage2_resume_reproduces_uninterrupted_run(trained, tmp_path):
+    root, _, _ = trained
+    common = dict(init_from=str(root / "s1/model"), steps=12, log_every=1, cache_dir=str(root / "cache"))
+    train_tokenizer(_stage_cfg(tmp_path / "full", 2, **common))
+    assert train_tokenizer(_stage_cfg(tmp_path / "cut", 2, stop_after=5, **common)) == {}
+    assert (tmp_path / "cut/checkpoints/latest").read_text() == "step_00000005"
+    train_tokenizer(_stage_cfg(tmp_path / "cut", 2, **common))
+    full = [r["loss"] for r in _rows(tmp_path / "full/log.jsonl") if "loss" in r]
+    cut = [r["loss"] for r in _rows(tmp_path / "cut/log.jsonl") if "loss" in r]
+    assert cut == pytest.approx(full, rel=1e-5)
+    a = SeedTokenizer.from_pretrained(tmp_path / "full/model").own_state_dict()
+    b = SeedTokenizer.from_pretrained(tmp_path / "cut/model").own_state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+def test_stage2_two_processes_gloo(trained, tmp_path):
+    root, _, _ = trained
+    cfg = _stage_cfg(tmp_path / "ddp", 2, init_from=str(root / "s1/model"), steps=6, batch_size=32,
+                     cache_dir=str(root / "cache"))
+    cfg_path = cfg.to_yaml(tmp_path / "ddp.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+         "-m", "train_scripts.train_tokenizer", "--config", str(cfg_path)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    tok = SeedTokenizer.from_pretrained(tmp_path / "ddp/model")
+    single = SeedTokenizer.from_pretrained(root / "s2/model")
+    assert set(tok.own_state_dict()) == set(single.own_state_dict())  # same format as a 1-process run
+    assert "code_usage" in out.stdout

@@ -1,0 +1,415 @@
+"""Stage 0 of the embedded default: a tiny CLIP trained contrastively on the Shapes world.
+
+SEED tokenises images from a frozen EVA-CLIP ViT and decodes to the image embedding of a CLIP
+ViT-H (the space Stable unCLIP is conditioned on). With no pretrained weights on this machine the
+embedded default trains its own CLIP (transformers ``CLIPModel``) and saves it as an ordinary CLIP
+directory, which then plays all three roles: frozen vision tower (stage 1/2 features), text tower
+(stage 1 contrastive), and the "unCLIP embedding" space that the diffusion decoder is conditioned
+on.
+
+Recipe: setup (data, BPE tokenizer, model) → train (AdamW, warmup + cosine, bf16 autocast where
+the CPU has it, DDP over gloo/NCCL under torchrun) → save (CLIP dir + tokenizer + image
+processor + resolved config) → eval (text→image retrieval on the validation split).
+
+Captions repeat across scenes (the world has finitely many attribute combinations), so the
+contrastive target is multi-positive: image i and text j match when their scenes have the same
+canonical caption — the plain diagonal target would push apart true matches.
+
+    seed tokenizer train-clip --out runs/clip [--steps 600 …]
+    torchrun --nproc_per_node 2 -m train_scripts.train_clip --out runs/clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data_pipelines.shapes import ShapesConfig
+from data_pipelines.shapes_arrays import ShapesArrays, load_shapes_arrays
+
+# CLIP's usual normalisation constants; the saved image processor carries the same numbers.
+from eval.tokenizer_metrics import (
+    CLIP_MEAN,
+    CLIP_STD,
+    caption_keys,
+    pixels_from_uint8,
+    recall_from_embeddings,
+)
+from seedtok.schema import ConfigBase, option
+from train_scripts.runtime import (
+    CheckpointManager,
+    MetricsLogger,
+    autocast,
+    check_finite,
+    init_distributed,
+    load_state_strict,
+    resolve_precision,
+    seed_everything,
+)
+
+
+@dataclass
+class ClipTrainConfig(ConfigBase):
+    out: str = option("runs/clip", help="output directory (the CLIP dir is written to OUT/model)")
+    shapes: ShapesConfig = option(default_factory=ShapesConfig, help="Shapes world generator settings")
+    n_train: int = option(20000, help="training scenes rendered once and reused")
+    n_val: int = option(1000, help="validation scenes for the retrieval score")
+    patch_size: int = option(8, help="ViT patch size in pixels")
+    vision_width: int = option(128, help="ViT hidden size")
+    vision_layers: int = option(4, help="ViT layers")
+    text_width: int = option(128, help="text transformer hidden size")
+    text_layers: int = option(3, help="text transformer layers")
+    heads: int = option(4, help="attention heads (both towers)")
+    projection_dim: int = option(64, help="joint embedding size (the embedded default's unCLIP embedding size)")
+    hard_negatives: bool = option(True, help="add one caption per scene with one attribute changed as an extra "
+                                              "negative (NegCLIP-style): teaches binding and relations")
+    logit_scale_init: float = option(3.0, help="initial log of the contrastive logit scale")
+    max_text_len: int = option(24, help="text positions (Shapes captions and paraphrases need ≤ 20)")
+    steps: int = option(600, help="optimizer steps")
+    batch_size: int = option(256, help="scenes per step per process")
+    lr: float = option(2e-3, help="peak learning rate")
+    warmup: int = option(50, help="linear warmup steps")
+    weight_decay: float = option(0.1, help="AdamW weight decay")
+    precision: str = option("auto", help="auto | bf16 | fp32 (auto = bf16 where the hardware is fast at it)")
+    device: str = option("auto", help="auto | cpu | cuda")
+    seed: int = option(0, help="training seed")
+    log_every: int = option(25, help="log every N steps")
+    eval_every: int = option(200, help="validation retrieval every N steps (0 = only at the end)")
+    ckpt_every: int = option(200, help="checkpoint every N steps (resumable)")
+    resume: bool = option(True, help="resume from OUT/checkpoints if present")
+    stop_after: int = option(0, help="checkpoint and stop after this many steps in this run (0 = run to the end); "
+                                     "for time-limited or preemptible jobs — the next run resumes")
+    progress: bool = option(True, help="show progress bars")
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders
+# ---------------------------------------------------------------------------------------------
+def train_text_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 400):
+    """A CLIP-format BPE tokenizer (``vocab.json`` + ``merges.txt``) trained on the corpus.
+
+    CLIP's own vocabulary is 49k tokens; the Shapes corpus needs a few hundred. We train a BPE
+    with the ``tokenizers`` library using CLIP's conventions (``</w>`` word-end suffix,
+    ``<|startoftext|>``/``<|endoftext|>``) and load it with transformers' ``CLIPTokenizer``, so
+    the saved directory is an ordinary CLIP tokenizer.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|startoftext|>", "<|endoftext|>"],
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer)
+    raw = out_dir / "bpe"
+    raw.mkdir(parents=True, exist_ok=True)
+    bpe.model.save(str(raw))
+    # transformers v5 ignores vocab_file=… in the constructor; from_pretrained reads the files.
+    tok = CLIPTokenizer.from_pretrained(str(raw))
+    return tok
+
+
+def build_clip(cfg: ClipTrainConfig, vocab_size: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=cfg.text_width,
+            intermediate_size=4 * cfg.text_width,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.heads,
+            max_position_embeddings=cfg.max_text_len,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            image_size=cfg.shapes.image_size,
+            patch_size=cfg.patch_size,
+            hidden_size=cfg.vision_width,
+            intermediate_size=4 * cfg.vision_width,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.heads,
+        ),
+        projection_dim=cfg.projection_dim,
+    )
+    return CLIPModel(config)
+
+
+def build_image_processor(image_size: int):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+
+
+def tokenize_all(tok, data: ShapesArrays, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids for every (scene, text variant): ids (n, V, L), mask (n, V, L)."""
+    n_var = 1 + max(len(p) for p in data.paraphrases)
+    texts = []
+    for i in range(len(data)):
+        t = data.texts(i)
+        texts.extend(t + [t[0]] * (n_var - len(t)))  # pad short lists with the canonical caption
+    enc = tok(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    ids = enc["input_ids"].view(len(data), n_var, max_len)
+    mask = enc["attention_mask"].view(len(data), n_var, max_len)
+    return ids, mask
+
+
+def perturb_attributes(attrs: dict, rng: np.random.Generator) -> dict:
+    """A copy of a scene's attributes with exactly one thing changed (a hard negative caption).
+
+    Singles: colour, shape, size or position. Pairs: additionally the relation, the two objects'
+    order (same relation) or their colours swapped — what a bag-of-words text encoder gets wrong.
+    """
+    from data_pipelines.shapes import COLOURS, POSITIONS, RELATIONS, SHAPES
+
+    a = json.loads(json.dumps(attrs))
+    objs = a["objects"]
+    choices = ["colour", "shape", "size"] + (["position"] if a["kind"] == "single" else ["relation", "order", "swap_colours"])
+    what = choices[int(rng.integers(len(choices)))]
+    o = objs[int(rng.integers(len(objs)))]
+    if what == "colour":
+        o["colour"] = str(rng.choice([c for c in COLOURS if c != o["colour"]]))
+    elif what == "shape":
+        o["shape"] = str(rng.choice([x for x in SHAPES if x != o["shape"]]))
+    elif what == "size":
+        o["size"] = "small" if o["size"] == "large" else "large"
+    elif what == "position":
+        o["position"] = str(rng.choice([p for p in POSITIONS if p != o["position"]]))
+    elif what == "relation":
+        a["relation"] = str(rng.choice([r for r in RELATIONS if r != a["relation"]]))
+    elif what == "order":
+        a["objects"] = objs[::-1]
+    elif objs[0]["colour"] != objs[1]["colour"]:
+        objs[0]["colour"], objs[1]["colour"] = objs[1]["colour"], objs[0]["colour"]
+    else:
+        a["relation"] = str(rng.choice([r for r in RELATIONS if r != a["relation"]]))
+    return a
+
+
+def multi_positive_targets(keys: list[int]) -> torch.Tensor:
+    """(B, B) row-normalised match matrix: 1 where two scenes share a canonical caption."""
+    k = torch.tensor(keys)
+    match = (k[:, None] == k[None, :]).float()
+    return match / match.sum(1, keepdim=True)
+
+
+def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, keys: list[int],
+                     neg: torch.Tensor | None = None, neg_keys: list[int] | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE with multi-positive targets. img, txt: (B, D) unnormalised.
+
+    ``neg`` (M, D) are extra hard-negative texts for the image→text direction; a negative whose
+    caption happens to equal a scene's own caption (``neg_keys``) counts as a positive for it.
+    """
+    img = F.normalize(img.float(), dim=-1)
+    txt = F.normalize(txt.float(), dim=-1)
+    scale = scale.exp().clamp(max=100)
+    logits = scale * img @ txt.t()  # (B, B)
+    target = multi_positive_targets(keys).to(logits.device)
+    t2i = F.cross_entropy(logits.t(), target)
+    if neg is None:
+        return 0.5 * (F.cross_entropy(logits, target) + t2i)
+    neg = F.normalize(neg.float(), dim=-1)
+    logits_i2t = torch.cat([logits, scale * img @ neg.t()], dim=1)  # (B, B + M)
+    k = torch.tensor(keys)
+    match = torch.cat([k[:, None] == k[None, :], k[:, None] == torch.tensor(neg_keys)[None, :]], dim=1).float()
+    target_i2t = (match / match.sum(1, keepdim=True)).to(logits.device)
+    return 0.5 * (F.cross_entropy(logits_i2t, target_i2t) + t2i)
+
+
+@torch.no_grad()
+def retrieval_at_k(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keys: list[int],
+                   ks=(1, 5), batch: int = 256) -> dict[str, float]:
+    """Text→image and image→text recall@k; a hit is any scene with the query's canonical caption."""
+    model.eval()
+    img, txt = [], []
+    for s in range(0, len(pixels), batch):
+        img.append(model.get_image_features(pixel_values=pixels[s:s + batch]).pooler_output)
+        txt.append(model.get_text_features(input_ids=ids[s:s + batch], attention_mask=mask[s:s + batch]).pooler_output)
+    return recall_from_embeddings(torch.cat(img), torch.cat(txt), keys, ks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe
+# ---------------------------------------------------------------------------------------------
+def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
+    """Run stage 0; returns the validation metrics. The CLIP directory lands in ``cfg.out/model``."""
+    # 1. Setup
+    info = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, info.device)
+    seed_everything(cfg.seed + info.rank)
+    out = Path(cfg.out)
+    cache = out.parent / "cache" if out.parent != out else out / "cache"
+    progress = cfg.progress and info.is_main
+
+    train = load_shapes_arrays(cfg.shapes, "train", cfg.n_train, cache_dir=cache, progress=progress)
+    val = load_shapes_arrays(cfg.shapes, "validation", cfg.n_val, cache_dir=cache, progress=progress)
+    corpus = [t for i in range(len(train)) for t in train.texts(i)]
+    tok = train_text_tokenizer(corpus, out / "tokenizer_work")
+    ids, mask = tokenize_all(tok, train, cfg.max_text_len)
+    key_index: dict[str, int] = {}
+    keys = [key_index.setdefault(c, len(key_index)) for c in train.captions]
+    neg_ids = neg_mask = None
+    neg_keys: list[int] = []
+    if cfg.hard_negatives:
+        from data_pipelines.shapes import canonical_caption
+
+        rng = np.random.default_rng(cfg.seed + 17)
+        neg_captions = [canonical_caption(perturb_attributes(a, rng)) for a in train.attributes]
+        neg_keys = [key_index.setdefault(c, len(key_index)) for c in neg_captions]
+        enc = tok(neg_captions, padding="max_length", truncation=True, max_length=cfg.max_text_len, return_tensors="pt")
+        neg_ids, neg_mask = enc["input_ids"], enc["attention_mask"]
+
+    model = build_clip(cfg, vocab_size=len(tok)).to(info.device)
+    with torch.no_grad():
+        model.logit_scale.fill_(cfg.logit_scale_init)
+    ddp = model
+    if info.distributed:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    ckpt = CheckpointManager(out / "checkpoints")
+    logger = MetricsLogger(out / "log.jsonl", enabled=info.is_main)
+
+    start = 0
+    if cfg.resume and ckpt.latest() is not None:
+        start, state, _ = ckpt.load(optimizer=opt, scheduler=sched)
+        load_state_strict(model, state, "stage-0 checkpoint")
+        seed_everything(cfg.seed + info.rank + start)
+
+    # 2. Train
+    # Batches and augmentation draw from a generator re-seeded every step from (seed, rank, step):
+    # a resumed run sees exactly the batches the uninterrupted run would have seen.
+    gen = torch.Generator()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="stage 0 CLIP", disable=not progress)
+    model.train()
+    for step in bar:
+        gen.manual_seed(cfg.seed * 1_000_003 + info.rank * 7919 + step)
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+        var = torch.randint(0, ids.shape[1], (cfg.batch_size,), generator=gen)
+        pixels = pixels_from_uint8(train.images[idx.numpy()]).to(info.device)
+        b_ids, b_mask = ids[idx, var].to(info.device), mask[idx, var].to(info.device)
+        neg = None
+        with autocast(precision, info.device):
+            if neg_ids is not None:
+                # One text pass for positives and hard negatives (B + B rows).
+                out_m = ddp(input_ids=torch.cat([b_ids, neg_ids[idx].to(info.device)]),
+                            attention_mask=torch.cat([b_mask, neg_mask[idx].to(info.device)]),
+                            pixel_values=pixels)
+                txt, neg = out_m.text_embeds[: len(idx)], out_m.text_embeds[len(idx):]
+                # CLIPModel's own (B, 2B) logits are unused; our loss below builds the targets.
+            else:
+                out_m = ddp(input_ids=b_ids, attention_mask=b_mask, pixel_values=pixels)
+                txt = out_m.text_embeds
+        b_keys = [keys[i] for i in idx.tolist()]
+        loss = contrastive_loss(out_m.image_embeds, txt, model.logit_scale, b_keys,
+                                neg, [neg_keys[i] for i in idx.tolist()] if neg is not None else None)
+        check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            logger.log(step + 1, loss=loss.item(), lr=sched.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if info.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            m = _val_retrieval(model, tok, val, cfg, info.device)
+            logger.log(step + 1, **m)
+            bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()))
+            model.train()
+        if info.is_main and ((step + 1) % cfg.ckpt_every == 0) and step + 1 < cfg.steps:
+            ckpt.save(step + 1, model.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
+        if cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < cfg.steps:
+            if info.is_main:
+                ckpt.save(step + 1, model.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
+                bar.write(f"stopped after step {step + 1} (stop_after={cfg.stop_after}); re-run to resume")
+            if info.distributed:
+                torch.distributed.barrier()
+            return {}
+
+    # 3. Save (main process) and 4. eval
+    metrics: dict[str, float] = {}
+    if info.is_main:
+        model.eval()
+        save_clip_dir(model, tok, out / "model", cfg)
+        metrics = _val_retrieval(model, tok, val, cfg, info.device)
+        logger.log(cfg.steps, **metrics)
+    if info.distributed:
+        torch.distributed.barrier()
+    return metrics
+
+
+def _val_retrieval(model, tok, val: ShapesArrays, cfg: ClipTrainConfig, device: torch.device) -> dict[str, float]:
+    v_ids, v_mask = tokenize_all(tok, val, cfg.max_text_len)
+    m = retrieval_at_k(model, pixels_from_uint8(val.images).to(device), v_ids[:, 0].to(device),
+                       v_mask[:, 0].to(device), caption_keys(val.captions))
+    return {f"val_{k}": v for k, v in m.items()}
+
+
+def save_clip_dir(model, tok, path: Path, cfg: ClipTrainConfig) -> Path:
+    """An ordinary CLIP directory: config + safetensors, tokenizer, image processor, our config."""
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    build_image_processor(cfg.shapes.image_size).save_pretrained(tmp)
+    cfg.to_yaml(tmp / "seed_stage0.yaml")
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _warmup_cosine(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        p = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+
+    return f
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ClipTrainConfig.add_arguments(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    cfg = ClipTrainConfig.from_cli(args)
+    metrics = train_clip(cfg)
+    if metrics:
+        print(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Stages 1 and 2 of the SEED tokenizer: causal Q-Former contrastive, then quantise + reconstruct.
+
+Stage 1 (``--stage 1``) trains the causal Q-Former on frozen ViT features with an image–text
+contrastive loss on its **last** causal query (the only one that has seen every other query),
+projected into the text embedding space of the frozen CLIP text tower (SEED: BLIP-2 text
+features, 256-d). Stage 2 (``--stage 2``) freezes the Q-Former and trains ``code_proj``, the
+quantizer and the embedding decoder with SEED's loss, ``5·VQ + 2·(1 − cos)`` to the Q-Former
+outputs ``+ 0.5·MSE`` to the unCLIP image embedding, plus the options of the 1D-tokenizer papers:
+
+* nested dropout (FlexTok, arXiv:2502.13967): the decoder sees only a random prefix of the codes,
+  so every prefix decodes to a usable embedding and early codes carry the coarse content;
+* an entropy loss (GigaTok, arXiv:2504.08736): low per-token assignment entropy, high codebook
+  entropy over the batch;
+* random token corruption: a fraction of the codes replaced by random codes before decoding, so
+  the decoder tolerates an LLM's sampling errors.
+
+Everything frozen is computed **once** per run and kept in memory: the ViT features and CLIP
+image/text embeddings (stage 1), and the frozen Q-Former's outputs (stage 2). The loops then only
+touch the trainable parts, which is what makes these stages take a minute on a CPU.
+
+    seed tokenizer train --stage 1 --vision-path runs/demo/clip/model --out runs/tok1
+    seed tokenizer train --stage 2 --init-from runs/tok1/model --out runs/tok2
+    torchrun --nproc_per_node 2 -m train_scripts.train_tokenizer --stage 2 …   (DDP over gloo/NCCL)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from data_pipelines.shapes import ShapesConfig
+from data_pipelines.shapes_arrays import load_shapes_arrays
+from eval.tokenizer_metrics import FrozenBank, build_bank, evaluate_bank, recall_from_embeddings
+from seedtok.embedding_decoder import Stage2LossWeights, stage2_loss
+from seedtok.errors import ConfigError
+from seedtok.quantizers import CodeUsageTracker, QuantizerConfig
+from seedtok.schema import ConfigBase, option
+from seedtok.tokenizer import (
+    DecoderConfig,
+    QFormerConfig,
+    SeedTokenizer,
+    SeedTokenizerConfig,
+    VisionTowerConfig,
+)
+from train_scripts.runtime import (
+    CheckpointManager,
+    MetricsLogger,
+    autocast,
+    check_finite,
+    init_distributed,
+    load_state_strict,
+    resolve_precision,
+    seed_everything,
+)
+
+
+def embedded_default_tokenizer_config(vision_path: str = "") -> SeedTokenizerConfig:
+    """The embedded default's architecture: SEED's layout at a size that trains in minutes on a CPU.
+
+    32 causal queries and an l2-normalised EMA VQ with dead-code restarts (SEED's plain Euclidean
+    VQ collapses); K = 1024 codes of dim 16 — the Shapes world holds far less information than
+    natural images, and a smaller vocabulary is easier for the LLM to model.
+    """
+    return SeedTokenizerConfig(
+        vision=VisionTowerConfig(path=vision_path, layer=-2, keep_cls=True),
+        qformer=QFormerConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+                              cross_attention_frequency=2, causal=True, dropout=0.0),
+        num_queries=32,
+        quantizer=QuantizerConfig(type="vq", codebook_size=1024, dim=16, l2_normalize=True, codebook_update="ema",
+                                  decay=0.95, kmeans_init=True, dead_code_threshold=0.02),
+        decoder=DecoderConfig(num_layers=2, num_heads=4, mlp_ratio=4.0, down_dims=[64, 32, 16]),
+        embed_dim=0,  # 0 = the vision tower's projection size (filled in at build time)
+    )
+
+
+@dataclass
+class TokenizerTrainConfig(ConfigBase):
+    stage: int = option(1, help="1 = Q-Former image–text contrastive; 2 = quantise + reconstruct (Q-Former frozen)")
+    out: str = option("runs/tokenizer", help="output directory; the tokenizer is saved to OUT/model")
+    vision_path: str = option("", help="stage 1: frozen CLIP directory (vision tower + text tower + unCLIP space)")
+    init_from: str = option("", help="stage 2: the stage-1 tokenizer directory (its Q-Former is frozen)")
+    tokenizer: SeedTokenizerConfig = option(
+        default_factory=embedded_default_tokenizer_config, help="architecture (stage 1; stage 2 reads init_from's)")
+    shapes: ShapesConfig = option(default_factory=ShapesConfig, help="Shapes world settings (the default data)")
+    cache_dir: str = option("", help="where rendered Shapes splits are cached (default: OUT/../cache)")
+    n_train: int = option(20000, help="training scenes")
+    n_val: int = option(1000, help="validation scenes (retrieval / usage scores at the end)")
+    steps: int = option(400, help="optimizer steps")
+    batch_size: int = option(256, help="scenes per step per process")
+    lr: float = option(1e-3, help="peak learning rate")
+    warmup: int = option(40, help="linear warmup steps")
+    weight_decay: float = option(0.05, help="AdamW weight decay")
+    temperature: float = option(0.05, help="stage 1: contrastive temperature")
+    loss_weights: Stage2LossWeights = option(default_factory=Stage2LossWeights, help="stage 2: SEED's loss weights")
+    nested_dropout: float = option(0.0, help="stage 2: probability that a sample's decoder sees only a random prefix of its codes")
+    entropy_weight: float = option(0.0, help="stage 2 (vq): weight of the GigaTok entropy loss")
+    entropy_temperature: float = option(0.01, help="stage 2 (vq): temperature of the code-assignment softmax")
+    corrupt_prob: float = option(0.0, help="stage 2: fraction of codes replaced by random codes before decoding")
+    precision: str = option("auto", help="auto | bf16 | fp32 (the quantizer always runs in fp32)")
+    device: str = option("auto", help="auto | cpu | cuda")
+    seed: int = option(0, help="training seed")
+    log_every: int = option(25, help="log every N steps")
+    ckpt_every: int = option(200, help="checkpoint every N steps (resumable)")
+    resume: bool = option(True, help="resume from OUT/checkpoints if present")
+    stop_after: int = option(0, help="checkpoint and stop after this many steps in this run (0 = run to the end); "
+                                     "for time-limited or preemptible jobs — the next run resumes")
+    progress: bool = option(True, help="show progress bars")
+
+    def __post_init__(self) -> None:
+        if self.stage not in (1, 2):
+            raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
+        for name in ("nested_dropout", "corrupt_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen computations, done once
+# ---------------------------------------------------------------------------------------------
+def _cache_dir(cfg: TokenizerTrainConfig) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.out).parent / "cache"
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+def multi_positive_nce(a: torch.Tensor, b: torch.Tensor, keys: list[int], temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE where rows with equal keys are all positives. a, b: (B, E)."""
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).t() / temperature
+    k = torch.tensor(keys, device=logits.device)
+    target = (k[:, None] == k[None, :]).float()
+    target = target / target.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def vq_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
+    """GigaTok-style entropy loss for a cosine VQ: sharp per-token assignments, flat codebook use.
+
+    z: (M, D) pre-quantisation vectors; codebook: (K, D). Returns mean per-token entropy minus the
+    entropy of the batch-averaged assignment distribution.
+    """
+    logits = F.normalize(z.float(), dim=-1) @ F.normalize(codebook.float(), dim=-1).t() / temperature  # (M, K)
+    p = logits.softmax(-1)
+    per_token = -(p * logits.log_softmax(-1)).sum(-1).mean()
+    avg = p.mean(0)
+    batch = -(avg * (avg + 1e-10).log()).sum()
+    return per_token - batch
+
+
+class Stage1Trainable(nn.Module):
+    """The causal Q-Former plus a projection of its last query (B, H) into the text embedding space
+    (B, E). The projection is a training-only head, dropped after stage 1."""
+
+    def __init__(self, tok: SeedTokenizer, embed_dim: int):
+        super().__init__()
+        self.qformer = tok.qformer
+        self.head = nn.Linear(tok.qformer.hidden_size, embed_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.qformer(features)[:, -1])  # (B, E): the last causal query only
+
+
+class Stage2Trainable(nn.Module):
+    """The parts stage 2 trains, wrapped so DDP sees one module: code_proj, quantizer, decoder."""
+
+    def __init__(self, tok: SeedTokenizer):
+        super().__init__()
+        self.code_proj = tok.code_proj
+        self.quantizer = tok.quantizer
+        self.decoder = tok.decoder
+
+    def forward(self, queries: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator):
+        z = self.code_proj(queries)  # (B, N, D)
+        with torch.autocast(device_type=queries.device.type, enabled=False):
+            q = self.quantizer(z.float())  # fp32 always
+        codes_in = q.quantized
+        B, N, _ = codes_in.shape
+        if cfg.corrupt_prob > 0:
+            flip = torch.rand(B, N, generator=gen).to(codes_in.device) < cfg.corrupt_prob
+            rand_idx = torch.randint(0, self.quantizer.codebook_size, (B, N), generator=gen).to(codes_in.device)
+            rand_codes = self.quantizer.indices_to_codes(rand_idx).to(codes_in.dtype)
+            codes_in = torch.where(flip[..., None], rand_codes, codes_in)
+        if cfg.nested_dropout > 0:
+            # Keep a random prefix of k codes (k uniform in 1..N) for the chosen samples; zero the rest.
+            apply = torch.rand(B, generator=gen) < cfg.nested_dropout
+            k = torch.randint(1, N + 1, (B,), generator=gen)
+            k = torch.where(apply, k, torch.full_like(k, N)).to(codes_in.device)
+            keep = torch.arange(N, device=codes_in.device)[None, :] < k[:, None]
+            codes_in = codes_in * keep[..., None].to(codes_in.dtype)
+        pred_q, pred_e = self.decoder(codes_in)
+        return q, z, pred_q, pred_e
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe
+# ---------------------------------------------------------------------------------------------
+def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
+    """Run stage 1 or 2; save the tokenizer to ``OUT/model``; return validation metrics."""
+    # 1. Setup
+    info = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, info.device)
+    seed_everything(cfg.seed + info.rank)
+    out = Path(cfg.out)
+    progress = cfg.progress and info.is_main
+
+    if cfg.stage == 1:
+        if not cfg.vision_path:
+            raise ConfigError("stage 1 needs --vision-path (a CLIP directory, e.g. from stage 0)")
+        tcfg = cfg.tokenizer.replace(vision=cfg.tokenizer.vision.replace(path=cfg.vision_path))
+        tok = _build_fresh(tcfg)
+    else:
+        if not cfg.init_from:
+            raise ConfigError("stage 2 needs --init-from (the stage-1 tokenizer directory)")
+        tok = SeedTokenizer.from_pretrained(cfg.init_from)
+    clip_dir = cfg.vision_path or _stage1_clip_dir(cfg.init_from)
+    tok.to(info.device)
+
+    train = load_shapes_arrays(cfg.shapes, "train", cfg.n_train, cache_dir=_cache_dir(cfg), progress=progress)
+    val = load_shapes_arrays(cfg.shapes, "validation", cfg.n_val, cache_dir=_cache_dir(cfg), progress=progress)
+    bank = build_bank(clip_dir, tok.vision_tower, train, progress=progress)
+    vbank = build_bank(clip_dir, tok.vision_tower, val, progress=progress)
+
+    if cfg.stage == 1:
+        trainable = Stage1Trainable(tok, bank.text_embeds.shape[-1]).to(info.device)
+        trainable.train()
+    else:
+        tok.qformer.requires_grad_(False).eval()
+        bank.extra["queries"] = _frozen_queries(tok, bank.features, progress)
+        trainable = Stage2Trainable(tok)
+        trainable.train()
+    model = trainable
+    if info.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(trainable, broadcast_buffers=False)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    from train_scripts.train_clip import _warmup_cosine
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    ckpt = CheckpointManager(out / "checkpoints")
+    logger = MetricsLogger(out / "log.jsonl", enabled=info.is_main)
+    start = 0
+    if cfg.resume and ckpt.latest() is not None:
+        start, state, _ = ckpt.load(optimizer=opt, scheduler=sched)
+        load_state_strict(trainable, state, f"stage-{cfg.stage} checkpoint")
+
+    # 2. Train
+    # Batches and augmentation draw from a generator re-seeded every step from (seed, rank, step):
+    # a resumed run sees exactly the batches the uninterrupted run would have seen.
+    gen = torch.Generator()
+    tracker = CodeUsageTracker(tok.codebook_size)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"tokenizer stage {cfg.stage}",
+               disable=not progress)
+    for step in bar:
+        gen.manual_seed(cfg.seed * 1_000_003 + info.rank * 7919 + step)
+        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
+        keys = [bank.keys[i] for i in idx.tolist()]
+        logs: dict[str, float] = {}
+        with autocast(precision, info.device):
+            if cfg.stage == 1:
+                var = torch.randint(0, bank.text_embeds.shape[1], (cfg.batch_size,), generator=gen)
+                img = model(bank.features[idx].to(info.device).float())
+                loss = multi_positive_nce(img, bank.text_embeds[idx, var].to(info.device), keys, cfg.temperature)
+            else:
+                queries = bank.extra["queries"][idx].to(info.device).float()
+                q, z, pred_q, pred_e = model(queries, cfg, gen)
+                parts = stage2_loss(vq_loss=q.loss, pred_queries=pred_q, target_queries=queries,
+                                    pred_embeds=pred_e, target_embeds=bank.image_embeds[idx].to(info.device),
+                                    weights=cfg.loss_weights)
+                loss = parts["loss"]
+                if cfg.entropy_weight > 0 and tok.config.quantizer.type == "vq":
+                    book = tok.quantizer.indices_to_codes(torch.arange(tok.codebook_size, device=z.device)[None])[0]
+                    ent = vq_entropy_loss(z.reshape(-1, z.shape[-1]), book, cfg.entropy_temperature)
+                    loss = loss + cfg.entropy_weight * ent
+                    logs["entropy"] = ent.item()
+                tracker.update(q.indices)
+                logs.update({k: v.item() for k, v in parts.items() if k != "loss"})
+                logs.update({k: float(v) for k, v in q.metrics.items()})
+        check_finite(loss, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            if cfg.stage == 2:
+                tracker.all_reduce()
+                logs["window_usage"] = tracker.usage()
+                logs["window_perplexity"] = tracker.perplexity()
+                tracker.reset()
+            logger.log(step + 1, loss=loss.item(), lr=sched.get_last_lr()[0], **logs)
+            bar.set_postfix(loss=f"{loss.item():.3f}", **({"usage": f"{logs['window_usage']:.2f}"} if cfg.stage == 2 else {}))
+        if info.is_main and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            ckpt.save(step + 1, trainable.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
+        if cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < cfg.steps:
+            if info.is_main:
+                ckpt.save(step + 1, trainable.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
+                bar.write(f"stopped after step {step + 1} (stop_after={cfg.stop_after}); re-run to resume")
+            if info.distributed:
+                torch.distributed.barrier()
+            return {}
+
+    # 3. Save and 4. evaluate (main process)
+    metrics: dict[str, float] = {}
+    if info.is_main:
+        tok.eval()
+        tok.save_pretrained(out / "model")
+        # Record the CLIP directory actually used, so eval finds its text tower.
+        cfg.replace(vision_path=str(Path(clip_dir).resolve())).to_yaml(out / "model" / f"seed_stage{cfg.stage}.yaml")
+        if cfg.stage == 1:
+            metrics = _stage1_metrics(trainable, vbank)
+        else:
+            metrics = evaluate_bank(tok, vbank)
+        logger.log(cfg.steps, **{f"val_{k}": v for k, v in metrics.items()})
+    if info.distributed:
+        torch.distributed.barrier()
+    return metrics
+
+
+def _stage1_clip_dir(init_from: str) -> str:
+    """The CLIP directory stage 1 used (its text tower scores stage 2's retrieval)."""
+    saved = Path(init_from) / "seed_stage1.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"{init_from} has no seed_stage1.yaml: pass --vision-path (the CLIP directory)")
+    return TokenizerTrainConfig.from_yaml(saved).vision_path
+
+
+def _build_fresh(tcfg: SeedTokenizerConfig) -> SeedTokenizer:
+    from seedtok.vision import FrozenVisionTower
+
+    tower = FrozenVisionTower.from_pretrained(tcfg.vision.path, layer=tcfg.vision.layer, keep_cls=tcfg.vision.keep_cls)
+    if tcfg.embed_dim == 0:
+        if tower.embed_dim is None:
+            raise ConfigError("embed_dim is 0 but the vision tower has no projection: set tokenizer.embed_dim")
+        tcfg = tcfg.replace(embed_dim=tower.embed_dim)
+    return SeedTokenizer(tcfg, tower, vision_source=tcfg.vision.path)
+
+
+@torch.no_grad()
+def _frozen_queries(tok: SeedTokenizer, features: torch.Tensor, progress: bool, batch: int = 512) -> torch.Tensor:
+    out = []
+    for s in tqdm(range(0, len(features), batch), desc="frozen Q-Former", disable=not progress, leave=False):
+        out.append(tok.qformer(features[s:s + batch].to(tok.device).float()).to(torch.bfloat16))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def _stage1_metrics(trainable: Stage1Trainable, vbank: FrozenBank) -> dict[str, float]:
+    trainable.eval()
+    img = torch.cat([trainable(vbank.features[s:s + 512].float()) for s in range(0, len(vbank.keys), 512)])
+    return recall_from_embeddings(img, vbank.text_embeds[:, 0], vbank.keys)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    TokenizerTrainConfig.add_arguments(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    cfg = TokenizerTrainConfig.from_cli(parser.parse_args(argv))
+    metrics = train_tokenizer(cfg)
+    if metrics:
+        print(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["TokenizerTrainConfig", "train_tokenizer"]
