@@ -5,11 +5,16 @@ metrics and the hash of the config it ran with). Re-running the demo skips every
 marker matches the current config, so an interrupted demo picks up where it stopped and a
 finished one only re-renders the report.
 
+A stage is also re-run when a stage whose outputs it reads re-ran (``needs``: the hashes chain).
+
 Stages (more join as the toolkit grows):
 
 1. ``data`` — the Shapes world: the held-out ``test`` split and the ``compositional`` split
    written as image folders (PNG + ``metadata.jsonl``), and the scorer checked on them (the
    generator's own images must score 100% strict, else the scorer or generator is broken).
+2. ``clip`` — stage 0: the tiny CLIP (frozen ViT, text tower, unCLIP embedding space).
+3. ``tokenizer`` — stages 1 and 2 of the SEED tokenizer, scored on the ``test`` split (code
+   usage, perplexity, embedding cosine, text↔image retrieval from the codes).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class DemoConfig(ConfigBase):
     image_size: int = option(64, help="Shapes canvas side in pixels")
     n_test: int = option(300, help="held-out test scenes written and scored")
     n_compositional: int = option(100, help="compositional-split scenes (held-out colour/shape pairs)")
+    n_test_tokenizer: int = option(1000, help="test scenes the tokenizer is scored on")
     held_out: list[tuple[str, str]] = option(
         default_factory=lambda: [("red", "triangle"), ("blue", "circle")],
         help="(colour, shape) pairs removed from train and kept for the compositional split",
@@ -52,6 +58,8 @@ class Stage:
     run: Callable[[DemoConfig, Path], dict[str, Any]]
     #: the config fields the stage depends on (its marker is invalidated when they change)
     depends: tuple[str, ...]
+    #: earlier stages whose outputs it reads (it re-runs whenever they re-run)
+    needs: tuple[str, ...] = ()
 
 
 def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
@@ -70,13 +78,56 @@ def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
+#: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "clip": {"steps": 600, "n_train": 20000},
+        "stage1": {"steps": 300, "n_train": 20000},
+        "stage2": {"steps": 400, "n_train": 20000},
+    },
+    "full": {
+        "clip": {"steps": 1500, "n_train": 30000},
+        "stage1": {"steps": 400, "n_train": 30000},
+        "stage2": {"steps": 600, "n_train": 30000},
+    },
+}
+
+
+def _stage_clip(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from train_scripts.train_clip import ClipTrainConfig, train_clip
+
+    clip_cfg = ClipTrainConfig(out=str(out), shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress,
+                               **PRESETS[cfg.preset]["clip"])
+    return train_clip(clip_cfg)
+
+
+def _stage_tokenizer(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from eval.tokenizer_metrics import evaluate_tokenizer
+    from train_scripts.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    common = dict(shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress, cache_dir=str(Path(cfg.out) / "cache"))
+    clip_dir = Path(cfg.out) / "clip" / "model"
+    s1 = train_tokenizer(TokenizerTrainConfig(stage=1, out=str(out / "stage1"), vision_path=str(clip_dir),
+                                              **common, **PRESETS[cfg.preset]["stage1"]))
+    train_tokenizer(TokenizerTrainConfig(stage=2, out=str(out / "stage2"), init_from=str(out / "stage1" / "model"),
+                                         **common, **PRESETS[cfg.preset]["stage2"]))
+    test = evaluate_tokenizer(str(out / "stage2" / "model"), split="test", n=cfg.n_test_tokenizer,
+                              shapes=cfg.shapes(), cache_dir=common["cache_dir"], progress=cfg.progress)
+    return {"stage1_val": s1, "test": test, "model": str(out / "stage2" / "model")}
+
+
 STAGES: list[Stage] = [
     Stage("data", _stage_data, ("seed", "image_size", "n_test", "n_compositional", "held_out")),
+    Stage("clip", _stage_clip, ("seed", "image_size", "held_out", "preset")),
+    Stage("tokenizer", _stage_tokenizer, ("seed", "image_size", "held_out", "preset", "n_test_tokenizer"),
+          needs=("clip",)),
 ]
 
 
-def _stage_hash(cfg: DemoConfig, stage: Stage) -> str:
-    blob = json.dumps({k: cfg.to_dict()[k] for k in stage.depends}, sort_keys=True)
+def _stage_hash(cfg: DemoConfig, stage: Stage, upstream: str) -> str:
+    """Hash of what a stage depends on: its config fields, its preset schedule and every stage before it."""
+    blob = json.dumps({"cfg": {k: cfg.to_dict()[k] for k in stage.depends}, "up": upstream,
+                       "schedule": PRESETS[cfg.preset].get(stage.name)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -87,10 +138,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     cfg.to_yaml(out / "demo_config.yaml")
     metrics: dict[str, Any] = {"preset": cfg.preset, "stages": {}}
     t_total = time.perf_counter()
+    hashes: dict[str, str] = {}
     for i, stage in enumerate(STAGES, 1):
         sdir = out / stage.name
         marker = sdir / "DONE.json"
-        want = _stage_hash(cfg, stage)
+        want = hashes[stage.name] = _stage_hash(cfg, stage, ",".join(hashes[n] for n in stage.needs))
         if not cfg.force and marker.is_file():
             done = json.loads(marker.read_text())
             if done.get("hash") == want:

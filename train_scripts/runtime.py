@@ -75,6 +75,18 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> DistIn
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
+def quiet_libraries() -> None:
+    """Turn off transformers' per-load / per-save progress bars and advisory warnings (our own bars
+    report progress; a failed load raises instead of warning)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def barrier(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.barrier()

@@ -52,6 +52,7 @@ from train_scripts.runtime import (
     check_finite,
     init_distributed,
     load_state_strict,
+    quiet_libraries,
     resolve_precision,
     seed_everything,
 )
@@ -61,23 +62,23 @@ from train_scripts.runtime import (
 class ClipTrainConfig(ConfigBase):
     out: str = option("runs/clip", help="output directory (the CLIP dir is written to OUT/model)")
     shapes: ShapesConfig = option(default_factory=ShapesConfig, help="Shapes world generator settings")
-    n_train: int = option(20000, help="training scenes rendered once and reused")
+    n_train: int = option(30000, help="training scenes rendered once and reused")
     n_val: int = option(1000, help="validation scenes for the retrieval score")
-    patch_size: int = option(8, help="ViT patch size in pixels")
+    patch_size: int = option(16, help="ViT patch size in pixels (16 at 64 px: 16 patches + CLS)")
     vision_width: int = option(128, help="ViT hidden size")
     vision_layers: int = option(4, help="ViT layers")
-    text_width: int = option(128, help="text transformer hidden size")
-    text_layers: int = option(3, help="text transformer layers")
+    text_width: int = option(96, help="text transformer hidden size")
+    text_layers: int = option(2, help="text transformer layers")
     heads: int = option(4, help="attention heads (both towers)")
     projection_dim: int = option(64, help="joint embedding size (the embedded default's unCLIP embedding size)")
     hard_negatives: bool = option(True, help="add one caption per scene with one attribute changed as an extra "
                                               "negative (NegCLIP-style): teaches binding and relations")
     logit_scale_init: float = option(3.0, help="initial log of the contrastive logit scale")
     max_text_len: int = option(24, help="text positions (Shapes captions and paraphrases need ≤ 20)")
-    steps: int = option(600, help="optimizer steps")
+    steps: int = option(1500, help="optimizer steps")
     batch_size: int = option(256, help="scenes per step per process")
     lr: float = option(2e-3, help="peak learning rate")
-    warmup: int = option(50, help="linear warmup steps")
+    warmup: int = option(40, help="linear warmup steps")
     weight_decay: float = option(0.1, help="AdamW weight decay")
     precision: str = option("auto", help="auto | bf16 | fp32 (auto = bf16 where the hardware is fast at it)")
     device: str = option("auto", help="auto | cpu | cuda")
@@ -255,6 +256,7 @@ def retrieval_at_k(model, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.T
 def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
     """Run stage 0; returns the validation metrics. The CLIP directory lands in ``cfg.out/model``."""
     # 1. Setup
+    quiet_libraries()
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed + info.rank)

@@ -56,6 +56,7 @@ from train_scripts.runtime import (
     check_finite,
     init_distributed,
     load_state_strict,
+    quiet_libraries,
     resolve_precision,
     seed_everything,
 )
@@ -204,6 +205,7 @@ class Stage2Trainable(nn.Module):
 def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
     """Run stage 1 or 2; save the tokenizer to ``OUT/model``; return validation metrics."""
     # 1. Setup
+    quiet_libraries()
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)
     seed_everything(cfg.seed + info.rank)

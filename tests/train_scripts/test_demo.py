@@ -4,12 +4,27 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from train_scripts import demo
 from train_scripts.cli import main
 from train_scripts.demo import DemoConfig, run_demo
 
+# Real architectures, schedules cut to a few steps: the stages' plumbing, not their quality.
+TINY = {
+    "clip": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
+    "stage1": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
+    "stage2": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
+}
 
-def test_demo_data_stage_runs_and_is_reused(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), n_test=40, n_compositional=20, progress=False)
+
+@pytest.fixture(autouse=True)
+def tiny_presets(monkeypatch):
+    monkeypatch.setitem(demo.PRESETS, "quick", TINY)
+
+
+def test_demo_stages_run_and_are_reused(tmp_path):
+    cfg = DemoConfig(out=str(tmp_path / "demo"), n_test=40, n_compositional=20, n_test_tokenizer=32, progress=False)
     logs: list[str] = []
     metrics = run_demo(cfg, log=logs.append)
     data = metrics["stages"]["data"]["metrics"]
@@ -17,14 +32,20 @@ def test_demo_data_stage_runs_and_is_reused(tmp_path):
     assert len(list((tmp_path / "demo/data/test").glob("*.png"))) == 40
     assert json.loads((tmp_path / "demo/metrics.json").read_text())["stages"]["data"]["metrics"] == data
 
+    tok = metrics["stages"]["tokenizer"]["metrics"]["test"]
+    assert 0 < tok["code_usage"] <= 1 and 0 <= tok["t2i_R@1"] <= 1
+    assert (tmp_path / "demo/tokenizer/stage2/model/model.safetensors").is_file()
+
     logs.clear()
     run_demo(cfg, log=logs.append)
-    assert any("reusing" in line for line in logs)
+    assert sum("reusing" in line for line in logs) == len(demo.STAGES)
 
-    # A changed setting the stage depends on invalidates its marker.
+    # A changed setting a stage depends on invalidates its marker — and every stage after it.
     logs.clear()
-    run_demo(cfg.replace(n_test=30), log=logs.append)
-    assert not any("reusing" in line for line in logs)
+    run_demo(cfg.replace(n_test=30, n_test_tokenizer=16), log=logs.append)
+    assert not any("data: done before" in line for line in logs)
+    assert any("clip: done before" in line for line in logs)
+    assert not any("tokenizer: done before" in line for line in logs)
     assert len(list((tmp_path / "demo/data/test").glob("*.png"))) == 30
 
 
