@@ -153,6 +153,19 @@ class ConfigBase:
             raise ConfigError(
                 f"unknown {cls.__name__} key '{_prefix}{unknown[0]}' (known: {', '.join(sorted(names))})"
             )
+        # A partial mapping for a nested config overrides that field's *default* (e.g. a preset
+        # built by a default_factory), not the nested class's bare defaults.
+        for f in dataclasses.fields(cls):
+            value = data.get(f.name)
+            tp = hints.get(f.name)
+            if isinstance(value, dict) and isinstance(tp, type) and issubclass(tp, ConfigBase):
+                if f.default_factory is not dataclasses.MISSING:
+                    base = f.default_factory()
+                elif isinstance(f.default, ConfigBase):
+                    base = f.default
+                else:
+                    continue
+                data[f.name] = _deep_merge(base.to_dict(), value)
         kwargs = {k: _coerce(v, hints[k], f"{_prefix}{k}") for k, v in data.items()}
         missing = [
             f.name
@@ -263,6 +276,13 @@ class ConfigBase:
             node[parts[-1]] = value
         # Keep only keys that belong to this schema (the parser may hold other sub-command flags).
         return cls.from_dict(_select(cls, base))
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _select(cls: type[ConfigBase], data: dict[str, Any]) -> dict[str, Any]:

@@ -146,6 +146,10 @@ class SeedTokenizer(nn.Module):
                                   f"but the config says layer={config.vision.layer}, keep_cls={config.vision.keep_cls}")
         if width <= 0:
             raise ConfigError("vision.width is unknown: pass a vision tower or set vision.width")
+        for what, heads in (("qformer", config.qformer.num_heads), ("decoder", config.decoder.num_heads)):
+            if heads < 1 or config.qformer.hidden_size % heads:
+                raise ConfigError(f"{what}.num_heads ({heads}) must divide qformer.hidden_size "
+                                  f"({config.qformer.hidden_size})")
         self.config = config.replace(vision=config.vision.replace(width=width))
         self.vision_tower = vision_tower
         q = config.qformer

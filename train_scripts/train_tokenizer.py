@@ -88,7 +88,8 @@ class TokenizerTrainConfig(ConfigBase):
     vision_path: str = option("", help="stage 1: frozen CLIP directory (vision tower + text tower + unCLIP space)")
     init_from: str = option("", help="stage 2: the stage-1 tokenizer directory (its Q-Former is frozen)")
     tokenizer: SeedTokenizerConfig = option(
-        default_factory=embedded_default_tokenizer_config, help="architecture (stage 1; stage 2 reads init_from's)")
+        default_factory=embedded_default_tokenizer_config,
+        help="architecture; stage 2 takes vision/qformer/num_queries from init_from, quantizer/decoder from here")
     shapes: ShapesConfig = option(default_factory=ShapesConfig, help="Shapes world settings (the default data)")
     cache_dir: str = option("", help="where rendered Shapes splits are cached (default: OUT/../cache)")
     n_train: int = option(20000, help="training scenes")
@@ -220,7 +221,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
     else:
         if not cfg.init_from:
             raise ConfigError("stage 2 needs --init-from (the stage-1 tokenizer directory)")
-        tok = SeedTokenizer.from_pretrained(cfg.init_from)
+        # The Q-Former (and its vision tower) come from stage 1; the quantizer and the embedding
+        # decoder — untrained until now — are built from this run's config.
+        src = SeedTokenizer.from_pretrained(cfg.init_from)
+        tcfg = cfg.tokenizer.replace(vision=src.config.vision, qformer=src.config.qformer,
+                                     num_queries=src.config.num_queries)
+        tcfg = _resolve_embed_dim(tcfg, src.vision_tower)
+        tok = SeedTokenizer(tcfg, src.vision_tower, vision_source=src._vision_source)
+        load_state_strict(tok.qformer, src.qformer.state_dict(), f"{cfg.init_from} Q-Former")
+        del src
     clip_dir = cfg.vision_path or _stage1_clip_dir(cfg.init_from)
     tok.to(info.device)
 
@@ -337,11 +346,16 @@ def _build_fresh(tcfg: SeedTokenizerConfig) -> SeedTokenizer:
     from seedtok.vision import FrozenVisionTower
 
     tower = FrozenVisionTower.from_pretrained(tcfg.vision.path, layer=tcfg.vision.layer, keep_cls=tcfg.vision.keep_cls)
-    if tcfg.embed_dim == 0:
-        if tower.embed_dim is None:
-            raise ConfigError("embed_dim is 0 but the vision tower has no projection: set tokenizer.embed_dim")
-        tcfg = tcfg.replace(embed_dim=tower.embed_dim)
-    return SeedTokenizer(tcfg, tower, vision_source=tcfg.vision.path)
+    return SeedTokenizer(_resolve_embed_dim(tcfg, tower), tower, vision_source=tcfg.vision.path)
+
+
+def _resolve_embed_dim(tcfg: SeedTokenizerConfig, tower) -> SeedTokenizerConfig:
+    """``embed_dim = 0`` means: the vision tower's own projection size (the embedded default)."""
+    if tcfg.embed_dim:
+        return tcfg
+    if tower.embed_dim is None:
+        raise ConfigError("embed_dim is 0 but the vision tower has no projection: set tokenizer.embed_dim")
+    return tcfg.replace(embed_dim=tower.embed_dim)
 
 
 @torch.no_grad()

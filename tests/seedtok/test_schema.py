@@ -90,3 +90,16 @@ def test_cli_rejects_bad_choice():
     Outer.add_arguments(parser)
     with pytest.raises((SystemExit, argparse.ArgumentError)):
         parser.parse_args(["--inner.act", "tanh"])
+
+
+@dataclass
+class WithPreset(ConfigBase):
+    inner: Inner = option(default_factory=lambda: Inner(width=99, act="relu"), help="a preset")
+
+
+def test_partial_nested_override_keeps_the_fields_preset():
+    cfg = WithPreset.from_dict({"inner": {"width": 5}})
+    assert cfg.inner == Inner(width=5, act="relu")  # act from the preset, not Inner's bare default
+    parser = argparse.ArgumentParser()
+    WithPreset.add_arguments(parser)
+    assert WithPreset.from_cli(parser.parse_args(["--inner.width", "7"])).inner == Inner(width=7, act="relu")
