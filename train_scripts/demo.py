@@ -82,13 +82,13 @@ def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "clip": {"steps": 600, "n_train": 20000},
-        "stage1": {"steps": 300, "n_train": 20000},
-        "stage2": {"steps": 400, "n_train": 20000},
+        "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
+        "stage2": {"steps": 500, "n_train": 20000},
     },
     "full": {
         "clip": {"steps": 1500, "n_train": 30000},
-        "stage1": {"steps": 400, "n_train": 30000},
-        "stage2": {"steps": 600, "n_train": 30000},
+        "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
+        "stage2": {"steps": 1000, "n_train": 30000},
     },
 }
 

@@ -94,16 +94,22 @@ class TokenizerTrainConfig(ConfigBase):
     cache_dir: str = option("", help="where rendered Shapes splits are cached (default: OUT/../cache)")
     n_train: int = option(20000, help="training scenes")
     n_val: int = option(1000, help="validation scenes (retrieval / usage scores at the end)")
-    steps: int = option(400, help="optimizer steps")
+    steps: int = option(1000, help="optimizer steps")
     batch_size: int = option(256, help="scenes per step per process")
-    lr: float = option(1e-3, help="peak learning rate")
+    lr: float = option(2e-3, help="peak learning rate")
     warmup: int = option(40, help="linear warmup steps")
     weight_decay: float = option(0.05, help="AdamW weight decay")
     temperature: float = option(0.05, help="stage 1: contrastive temperature")
-    loss_weights: Stage2LossWeights = option(default_factory=Stage2LossWeights, help="stage 2: SEED's loss weights")
+    loss_weights: Stage2LossWeights = option(
+        default_factory=lambda: Stage2LossWeights(vq=5.0, cosine=2.0, mse=10.0),
+        help="stage 2 loss weights (SEED: 5 / 2 / 0.5; the embedded default weighs the embedding MSE "
+             "at 10 — its 64-d CLIP embedding is what the decoder is conditioned on)")
     nested_dropout: float = option(0.0, help="stage 2: probability that a sample's decoder sees only a random prefix of its codes")
     entropy_weight: float = option(0.0, help="stage 2 (vq): weight of the GigaTok entropy loss")
     entropy_temperature: float = option(0.01, help="stage 2 (vq): temperature of the code-assignment softmax")
+    embed_nce_weight: float = option(1.0, help="stage 2: weight of an InfoNCE between decoded and true unCLIP "
+                                                "embeddings in the batch (sharpens what MSE blurs: the "
+                                                "directions that tell similar scenes apart)")
     corrupt_prob: float = option(0.0, help="stage 2: fraction of codes replaced by random codes before decoding")
     precision: str = option("auto", help="auto | bf16 | fp32 (the quantizer always runs in fp32)")
     device: str = option("auto", help="auto | cpu | cuda")
@@ -285,6 +291,10 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                                     pred_embeds=pred_e, target_embeds=bank.image_embeds[idx].to(info.device),
                                     weights=cfg.loss_weights)
                 loss = parts["loss"]
+                if cfg.embed_nce_weight > 0:
+                    nce = multi_positive_nce(pred_e, bank.image_embeds[idx].to(info.device), keys, cfg.temperature)
+                    loss = loss + cfg.embed_nce_weight * nce
+                    logs["embed_nce"] = nce.item()
                 if cfg.entropy_weight > 0 and tok.config.quantizer.type == "vq":
                     book = tok.quantizer.indices_to_codes(torch.arange(tok.codebook_size, device=z.device)[None])[0]
                     ent = vq_entropy_loss(z.reshape(-1, z.shape[-1]), book, cfg.entropy_temperature)

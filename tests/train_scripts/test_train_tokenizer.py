@@ -134,3 +134,15 @@ def test_stage2_two_processes_gloo(trained, tmp_path):
     single = SeedTokenizer.from_pretrained(root / "s2/model")
     assert set(tok.own_state_dict()) == set(single.own_state_dict())  # same format as a 1-process run
     assert "code_usage" in out.stdout
+
+
+def test_stage2_options_nested_dropout_entropy_corruption(trained, tmp_path):
+    root, _, _ = trained
+    cfg = _stage_cfg(tmp_path / "opts", 2, init_from=str(root / "s1/model"), steps=6, log_every=1,
+                     nested_dropout=0.5, entropy_weight=0.1, corrupt_prob=0.2, cache_dir=str(root / "cache"))
+    metrics = train_tokenizer(cfg)
+    rows = [r for r in _rows(tmp_path / "opts/log.jsonl") if "loss" in r]
+    assert len(rows) == 6 and all("entropy" in r and "embed_nce" in r for r in rows)
+    assert metrics["code_usage"] > 0
+    with pytest.raises(Exception, match="corrupt_prob"):
+        _stage_cfg(tmp_path / "bad", 2, corrupt_prob=1.5)
