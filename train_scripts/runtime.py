@@ -326,6 +326,15 @@ class MetricsLogger:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._t0 = time.perf_counter()
 
+    def rewind(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed or restarted run re-logs them)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
+
     def log(self, step: int, **values: float) -> None:
         if not self.enabled:
             return

@@ -304,6 +304,8 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
         load_state_strict(model, state, "stage-0 checkpoint")
         seed_everything(cfg.seed + info.rank + start)
 
+    logger.rewind(start)  # rows after the checkpoint belong to work that is being redone
+
     # 2. Train
     # Batches and augmentation draw from a generator re-seeded every step from (seed, rank, step):
     # a resumed run sees exactly the batches the uninterrupted run would have seen.

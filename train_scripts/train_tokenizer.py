@@ -267,6 +267,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         start, state, _ = ckpt.load(optimizer=opt, scheduler=sched)
         load_state_strict(trainable, state, f"stage-{cfg.stage} checkpoint")
 
+    logger.rewind(start)  # rows after the checkpoint belong to work that is being redone
+
     # 2. Train
     # Batches and augmentation draw from a generator re-seeded every step from (seed, rank, step):
     # a resumed run sees exactly the batches the uninterrupted run would have seen.

@@ -126,3 +126,14 @@ def test_metrics_log_and_curve(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["loss"] == pytest.approx(0.2)
     png = plot_loss_curves(tmp_path / "log.jsonl", tmp_path / "loss.png", ["loss"])
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_log_rewind(tmp_path):
+    log = MetricsLogger(tmp_path / "log.jsonl")
+    for s in range(1, 6):
+        log.log(s, loss=float(s))
+    log.rewind(3)
+    log.log(4, loss=40.0)
+    assert [(r["step"], r["loss"]) for r in read_jsonl(tmp_path / "log.jsonl")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+    log.rewind(0)
+    assert list(read_jsonl(tmp_path / "log.jsonl")) == []
