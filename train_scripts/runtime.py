@@ -294,6 +294,23 @@ class CheckpointManager:
         return int(state["step"]), model_state, state.get("extra", {})
 
 
+def checkpoint_or_stop(ckpt: CheckpointManager, info: DistInfo, *, step: int, start: int, total: int,
+                       ckpt_every: int, stop_after: int, module: torch.nn.Module, optimizer: Any,
+                       scheduler: Any, config: dict[str, Any], write=print) -> bool:
+    """After optimizer step ``step`` (1-based count done): save a periodic checkpoint, and return
+    True when ``stop_after`` steps of this run are done (the checkpoint is saved first)."""
+    if step >= total:
+        return False
+    stop = bool(stop_after) and step - start >= stop_after
+    if info.is_main and (step % ckpt_every == 0 or stop):
+        ckpt.save(step, module.state_dict(), optimizer=optimizer, scheduler=scheduler, config=config)
+        if stop:
+            write(f"stopped after step {step} (stop_after={stop_after}); re-run to resume")
+    if stop and info.distributed:
+        barrier(info)
+    return stop
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
     """``load_state_dict`` that turns missing / unexpected / mis-shaped keys into one-line errors."""
     own = module.state_dict()

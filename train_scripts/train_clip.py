@@ -50,6 +50,7 @@ from train_scripts.runtime import (
     MetricsLogger,
     autocast,
     check_finite,
+    checkpoint_or_stop,
     init_distributed,
     load_state_strict,
     quiet_libraries,
@@ -347,14 +348,9 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
             logger.log(step + 1, **m)
             bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()))
             model.train()
-        if info.is_main and ((step + 1) % cfg.ckpt_every == 0) and step + 1 < cfg.steps:
-            ckpt.save(step + 1, model.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
-        if cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < cfg.steps:
-            if info.is_main:
-                ckpt.save(step + 1, model.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
-                bar.write(f"stopped after step {step + 1} (stop_after={cfg.stop_after}); re-run to resume")
-            if info.distributed:
-                torch.distributed.barrier()
+        if checkpoint_or_stop(ckpt, info, step=step + 1, start=start, total=cfg.steps, ckpt_every=cfg.ckpt_every,
+                              stop_after=cfg.stop_after, module=model, optimizer=opt, scheduler=sched,
+                              config=cfg.to_dict(), write=bar.write):
             return {}
 
     # 3. Save (main process) and 4. eval

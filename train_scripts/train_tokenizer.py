@@ -54,6 +54,7 @@ from train_scripts.runtime import (
     MetricsLogger,
     autocast,
     check_finite,
+    checkpoint_or_stop,
     init_distributed,
     load_state_strict,
     quiet_libraries,
@@ -319,14 +320,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                 tracker.reset()
             logger.log(step + 1, loss=loss.item(), lr=sched.get_last_lr()[0], **logs)
             bar.set_postfix(loss=f"{loss.item():.3f}", **({"usage": f"{logs['window_usage']:.2f}"} if cfg.stage == 2 else {}))
-        if info.is_main and (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
-            ckpt.save(step + 1, trainable.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
-        if cfg.stop_after and step + 1 - start >= cfg.stop_after and step + 1 < cfg.steps:
-            if info.is_main:
-                ckpt.save(step + 1, trainable.state_dict(), optimizer=opt, scheduler=sched, config=cfg.to_dict())
-                bar.write(f"stopped after step {step + 1} (stop_after={cfg.stop_after}); re-run to resume")
-            if info.distributed:
-                torch.distributed.barrier()
+        if checkpoint_or_stop(ckpt, info, step=step + 1, start=start, total=cfg.steps, ckpt_every=cfg.ckpt_every,
+                              stop_after=cfg.stop_after, module=trainable, optimizer=opt, scheduler=sched,
+                              config=cfg.to_dict(), write=bar.write):
             return {}
 
     # 3. Save and 4. evaluate (main process)
