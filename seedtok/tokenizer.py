@@ -13,6 +13,8 @@ Saved layout (``save_pretrained``)::
     DIR/model.safetensors    every weight except the vision tower's
     DIR/vision_tower/        the frozen tower + image processor in Hugging Face format
                              (or config.vision.path names an external directory)
+    DIR/image_decoder/       optional: the unCLIP decoder (a Stable unCLIP pipeline directory,
+                             ``seedtok.unclip.UnCLIPImageDecoder``) that ``decode_image`` uses
 
 The codes → pixels decoder (Stable unCLIP or the embedded diffusion decoder) is a separate model:
 it attaches itself as ``tokenizer.image_decoder`` and saves and loads on its own.
@@ -44,6 +46,7 @@ from seedtok.vision import FrozenVisionTower
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 VISION_DIR = "vision_tower"
+IMAGE_DECODER_DIR = "image_decoder"  # the unCLIP decoder (seedtok.unclip), when one is attached
 # Submodules whose weights are not part of model.safetensors (saved in their own formats).
 _EXTERNAL = ("vision_tower.", "image_decoder.")
 
@@ -244,6 +247,23 @@ class SeedTokenizer(nn.Module):
         with _eval_mode(self):
             return self.decoder.decode_queries(self._code_vectors(codes))
 
+    def decode_image(self, codes: ImageCodes | torch.Tensor, *, seed: int | Sequence[int] = 0,
+                     num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                     noise_level: int | None = None, batch_size: int | None = None, progress: bool = False,
+                     output_type: Literal["pil", "np"] = "pil") -> list[Any]:
+        """Codes ``(B, N)`` → embedding ``(B, E)`` → images with the attached unCLIP decoder.
+
+        Sampling arguments default to the decoder's saved settings; image ``i`` uses ``seed + i``
+        (see :meth:`seedtok.unclip.UnCLIPImageDecoder.decode`). Returns PIL images (or uint8 arrays).
+        """
+        if self.image_decoder is None:
+            raise ConfigError("this tokenizer has no image decoder: attach one (tokenizer.image_decoder = "
+                              "UnCLIPImageDecoder.from_pretrained(DIR)) or load a directory with image_decoder/")
+        embeds = self.decode_embedding(codes)  # (B, E)
+        return self.image_decoder.decode(embeds, seed=seed, num_inference_steps=num_inference_steps,
+                                         guidance_scale=guidance_scale, noise_level=noise_level,
+                                         batch_size=batch_size, progress=progress, output_type=output_type)
+
     # ---- training (stage 2) -----------------------------------------------------------------------
 
     def forward(self, pixel_values: torch.Tensor, target_embeds: torch.Tensor | None = None,
@@ -317,6 +337,10 @@ class SeedTokenizer(nn.Module):
             config = self.config.replace(vision=self.config.vision.replace(path=vision_path))
             save_json(config.to_dict(), tmp / CONFIG_NAME)
             save_safetensors(self.own_state_dict(), tmp / WEIGHTS_NAME)
+            # An unCLIP decoder (seedtok.unclip.UnCLIPImageDecoder) is saved beside the weights; any other
+            # module attached here stays outside the checkpoint (it saves and loads on its own).
+            if hasattr(self.image_decoder, "save_pretrained"):
+                self.image_decoder.save_pretrained(tmp / IMAGE_DECODER_DIR)
         return save_dir
 
     @classmethod
@@ -330,10 +354,11 @@ class SeedTokenizer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, load_vision: bool = True,
-                        device: str | torch.device = "cpu") -> SeedTokenizer:
+                        device: str | torch.device = "cpu", load_image_decoder: bool = True) -> SeedTokenizer:
         """Load a directory written by :meth:`save_pretrained` (in eval mode).
 
         ``load_vision=False`` skips the vision tower (enough for ``decode_embedding``/``decode_queries``).
+        ``image_decoder/``, if present, is loaded as ``image_decoder`` unless ``load_image_decoder=False``.
         """
         model_dir = Path(model_dir)
         config = load_config(model_dir)
@@ -349,6 +374,14 @@ class SeedTokenizer(nn.Module):
                                                       keep_cls=config.vision.keep_cls)
         model = cls(config, tower, vision_source=source)
         model.load_own_state_dict(load_safetensors(model_dir / WEIGHTS_NAME), what=str(model_dir / WEIGHTS_NAME))
+        if load_image_decoder and (model_dir / IMAGE_DECODER_DIR).is_dir():
+            from seedtok.unclip import UnCLIPImageDecoder  # lazy: diffusers is only needed to paint images
+
+            model.image_decoder = UnCLIPImageDecoder.from_pretrained(model_dir / IMAGE_DECODER_DIR, device=device)
+            if model.image_decoder.embed_dim != config.embed_dim:
+                raise CheckpointError(f"{model_dir / IMAGE_DECODER_DIR}: the decoder is conditioned on "
+                                      f"{model.image_decoder.embed_dim}-d embeddings, the tokenizer predicts "
+                                      f"{config.embed_dim}-d")
         return model.to(device).eval()
 
 
