@@ -162,6 +162,9 @@ def _dist_worker(rank: int, world: int, out_dir: str) -> None:
                         p.grad /= world
                     opt.step()
             torch.save({k: v.clone() for k, v in q.state_dict().items()}, f"{out_dir}/{name}-{rank}.pt")
+        # Both ranks finish their collectives before either tears gloo down (a rank destroying the
+        # group while its peer is still in one aborted the process once: "terminate called …").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
