@@ -2,7 +2,8 @@
 
     seed data shapes|inspect …        data_pipelines
     seed tokenizer …                  seedtok training / eval (train_scripts, eval)
-    seed llm …                        LLM training and adapters
+    seed llm …                        LLM training and adapters (llm_adapters, train_scripts)
+    seed chat | generate | caption    the chat model (llm_adapters)
     seed eval …                       eval
     seed demo                         every stage on the embedded default
 
@@ -25,6 +26,7 @@ from seedtok.errors import SeedError
 def build_parser() -> argparse.ArgumentParser:
     from data_pipelines import cli as data_cli
     from eval import cli as eval_cli
+    from llm_adapters import cli as llm_cli
     from train_scripts import demo_cli, tokenizer_cli
 
     parser = argparse.ArgumentParser(
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     data_cli.register(sub)
     tokenizer_cli.register(sub)
+    llm_cli.register(sub)
     eval_cli.register(sub)
     demo_cli.register(sub)
     return parser
