@@ -499,6 +499,10 @@ def _check_length(rec: Record, max_chars: int) -> None:
         rec.check(max_chars)
     except DataError as e:
         raise _Skip("text_too_long", str(e)) from None
+    if rec.kind == "pair" and not rec.text.strip():
+        # An image with an empty (or all-whitespace / all-control-character) caption teaches
+        # nothing in either direction, and as a generation prompt it is an empty prompt.
+        raise _Skip("empty_text", "the caption is empty after cleaning")
 
 
 def _extra(row: dict[str, Any], used: Iterable[str]) -> dict[str, Any]:

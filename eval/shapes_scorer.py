@@ -163,19 +163,25 @@ def detect_scene(
     return {"kind": kind, "objects": objects, "relation": relation}
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """``repr`` shortened: an error message quoting a 100k-character caption must stay one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _as_attributes(truth: dict[str, Any] | str) -> dict[str, Any]:
     if isinstance(truth, str):
         parsed = parse_caption(truth)
         if parsed is None:
-            raise DataError(f"cannot read Shapes attributes from the caption {truth!r}")
+            raise DataError(f"cannot read Shapes attributes from the caption {_quote(truth)}")
         missing = [k for o in parsed["objects"] for k in ("colour", "shape", "size") if o[k] is None]
         if missing or (parsed["kind"] == "single" and parsed["objects"][0]["position"] is None):
-            raise DataError(f"the caption {truth!r} does not name every attribute of its scene")
+            raise DataError(f"the caption {_quote(truth)} does not name every attribute of its scene")
         return parsed
-    if truth.get("kind") not in ("single", "pair") or len(truth.get("objects", ())) != (
-        1 if truth.get("kind") == "single" else 2
-    ):
-        raise DataError(f"not Shapes attributes: {truth!r}")
+    if not isinstance(truth, dict) or truth.get("kind") not in ("single", "pair") or not isinstance(
+        truth.get("objects"), list | tuple
+    ) or len(truth["objects"]) != (1 if truth.get("kind") == "single" else 2):
+        raise DataError(f"not Shapes attributes: {_quote(truth)}")
     return truth
 
 
@@ -444,7 +450,9 @@ def score_folder(
     if not meta.is_file():
         raise DataError(f"{meta} not found (expected an image folder with metadata.jsonl)")
     rows = []
-    for line_no, line in enumerate(meta.read_text().splitlines(), 1):
+    # Bytes that are not UTF-8 become U+FFFD: a bad caption then fails to parse and is named, not
+    # the whole file refused with a codec error.
+    for line_no, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -453,13 +461,16 @@ def score_folder(
             raise DataError(f"{meta}:{line_no}: not valid JSON") from None
         if not isinstance(row, dict) or "file_name" not in row or not ("attributes" in row or "text" in row):
             raise DataError(f"{meta}:{line_no}: needs file_name and attributes (or text)")
-        rows.append(row)
+        rows.append((line_no, row))
     if not rows:
         raise DataError(f"{meta} has no rows")
     per_image = []
-    for row in tqdm(rows, desc="scoring", unit="img", file=sys.stderr, disable=not progress, leave=False):
-        image = decode_image(root / row["file_name"])
+    for line_no, row in tqdm(rows, desc="scoring", unit="img", file=sys.stderr, disable=not progress, leave=False):
+        image = decode_image(root / str(row["file_name"]))
         truth = row.get("attributes") or row["text"]
-        scores = score_image(image, truth, tolerance=tolerance, min_area=min_area)
+        try:
+            scores = score_image(image, truth, tolerance=tolerance, min_area=min_area)
+        except DataError as e:
+            raise DataError(f"{meta}:{line_no}: {e}") from None
         per_image.append({"file_name": row["file_name"], **scores})
     return {**aggregate(per_image), "per_image": per_image}

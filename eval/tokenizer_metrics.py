@@ -69,8 +69,14 @@ def build_bank(clip_dir: str, tower, data: ShapesArrays, batch: int = 256, progr
     """Run the frozen vision tower and CLIP text tower over a split once."""
     from transformers import AutoTokenizer, CLIPModel
 
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    tok = AutoTokenizer.from_pretrained(clip_dir)
+    from seedtok.errors import CheckpointError
+
+    try:
+        clip = CLIPModel.from_pretrained(clip_dir).eval()
+        tok = AutoTokenizer.from_pretrained(clip_dir)
+    except (OSError, ValueError) as e:  # transformers' multi-line messages → one line naming the dir
+        raise CheckpointError(f"{clip_dir}: not a loadable CLIP directory ({str(e).splitlines()[0]})") from None
+    max_len = clip.config.text_config.max_position_embeddings
     feats, embeds, texts = [], [], []
     n = len(data)
     n_var = 1 + max(len(p) for p in data.paraphrases)
@@ -83,7 +89,7 @@ def build_bank(clip_dir: str, tower, data: ShapesArrays, batch: int = 256, progr
         for i in range(s, min(n, s + batch)):
             t = data.texts(i)
             rows.extend(t + [t[0]] * (n_var - len(t)))
-        enc = tok(rows, padding=True, return_tensors="pt")
+        enc = tok(rows, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
         te = clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).pooler_output
         texts.append(te.float().view(-1, n_var, te.shape[-1]))
     return FrozenBank(torch.cat(feats), torch.cat(embeds), torch.cat(texts), caption_keys(data.captions), data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -42,14 +43,15 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(data, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _write_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(data, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
 
 
@@ -57,16 +59,28 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _write_errors(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(obj, f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return path
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """A failed write (disk full, file too large, read-only, quota) is a one-line CheckpointError;
+    the atomic rename means whatever ``path`` held before is untouched."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O failures as SafetensorError
+        reason = (e.strerror if isinstance(e, OSError) else None) or str(e).strip().split("\n")[0]
+        raise CheckpointError(f"cannot write {path}: {reason} (any previous version is kept)") from None
 
 
 @contextlib.contextmanager
@@ -80,12 +94,19 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
+        with _write_errors(path):  # whatever the block writes (a disk fills up) fails as one line
+            yield tmp
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                os.replace(path, old / path.name)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if old is not None:  # put the previous version back before reporting
+                    os.replace(old / path.name, path)
+                    shutil.rmtree(old, ignore_errors=True)
+                raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -121,6 +142,13 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's own message goes on to suggest weights_only=False — exactly what must not be done
+        # with a downloaded file; say what the file is instead.
+        what = ("it pickles Python objects other than tensors" if "GLOBAL" in str(e)
+                else "not a torch checkpoint, or a corrupt one")
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True): {what}; "
+                              "convert trusted weights to safetensors") from None
     except Exception as e:  # torch.load raises many exception types; report them as one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot be loaded with torch.load(weights_only=True): {first}") from None

@@ -388,6 +388,8 @@ class SeedTokenizer(nn.Module):
 def load_config(model_dir: str | os.PathLike) -> SeedTokenizerConfig:
     """The :class:`SeedTokenizerConfig` of a saved tokenizer directory."""
     model_dir = Path(model_dir)
+    if model_dir.exists() and not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir} is a file, not a tokenizer directory")
     if not model_dir.is_dir():
         raise CheckpointError(f"tokenizer directory not found: {model_dir}")
     path = model_dir / CONFIG_NAME

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,12 +198,25 @@ class FrozenVisionTower(nn.Module):
         """PIL images → ``pixel_values`` ``(B, 3, H, W)`` float32 with the tower's own processor."""
         if len(images) == 0:
             raise DataError("no images to preprocess")
+        for i, im in enumerate(images):
+            # transformers' processors would open a string themselves — and fetch a URL over the
+            # network: only already-decoded images cross this boundary (decode files with
+            # data_pipelines.images.decode_image, which also guards against bombs and truncation).
+            if not (hasattr(im, "convert") or isinstance(im, np.ndarray | torch.Tensor)):
+                raise DataError(f"image {i} is a {type(im).__name__}, not a PIL image or array "
+                                "(decode files first, e.g. data_pipelines.images.decode_image(path))")
         images = [im.convert("RGB") if hasattr(im, "convert") else im for im in images]
         return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
 
     def _run(self, pixel_values: torch.Tensor) -> Any:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise DataError(f"pixel_values must have shape (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        size = getattr(self.model.config, "image_size", None)
+        # CLIP, SigLIP and ViT position embeddings fit one resolution (DINOv2 interpolates): say so
+        # here rather than let the embedding layer raise from deep inside transformers.
+        if isinstance(size, int) and self.model.config.model_type != "dinov2" and tuple(pixel_values.shape[-2:]) != (size, size):
+            raise DataError(f"images are {pixel_values.shape[-2]}x{pixel_values.shape[-1]} but the vision tower takes "
+                            f"{size}x{size} (preprocess() resizes PIL images to the tower's size)")
         param = next(self.model.parameters())
         with torch.no_grad():
             return self.model(pixel_values=pixel_values.to(param.device, param.dtype), output_hidden_states=True)

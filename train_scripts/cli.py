@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(func(args) or 0)
     except SeedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
         print(f"error: {e.strerror or e}: {e.filename}", file=sys.stderr)
@@ -75,6 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except OSError as e:  # disk full, quota, read-only file system, too many open files, …
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {_one_line(e.strerror or str(e) or type(e).__name__)}{where}", file=sys.stderr)
+        return 2
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """Errors are one line: a message quoting data (a caption, a library's report) could carry
+    newlines or run to pages."""
+    text = " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 if __name__ == "__main__":

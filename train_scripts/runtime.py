@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from seedtok.errors import CheckpointError
@@ -174,6 +175,29 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _free_space(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return "unknown"
+    return f"{free / 2**20:,.0f} MiB"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -207,8 +231,9 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
         if pointer.is_file():
-            cand = self.root / pointer.read_text().strip()
-            if (cand / "meta.json").is_file():
+            name = pointer.read_text(errors="replace").strip()
+            cand = self.root / name
+            if name.startswith("step_") and "/" not in name and (cand / "meta.json").is_file():
                 return cand
         # Fall back to the newest complete directory (e.g. if the pointer write was interrupted).
         done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
@@ -224,14 +249,15 @@ class CheckpointManager:
         extra: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
     ) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         name = f"step_{step:08d}"
         final = self.root / name
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
             tensors = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
             save_file(tensors, str(tmp / "model.safetensors"))
             state = {
@@ -246,18 +272,41 @@ class CheckpointManager:
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
+            old = None
+            if final.exists():  # re-saving a step: move the old copy aside so a crash never leaves neither
+                old = self.root / f".old-{name}-{os.getpid()}"
+                os.replace(final, old)
             os.replace(tmp, final)
             _fsync_dir(self.root)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            pointer_tmp = self.root / f".latest.tmp{os.getpid()}"
+            pointer_tmp.write_text(name)
+            os.replace(pointer_tmp, self.root / "latest")
+        except (OSError, SafetensorError, RuntimeError) as e:
+            # Disk full, quota, file too large, read-only: one line, and the previous checkpoint
+            # (complete, under its own name) is untouched. safetensors reports I/O failures as
+            # SafetensorError and torch.save as RuntimeError ("unexpected pos …"), hence all three.
+            shutil.rmtree(tmp, ignore_errors=True)
+            reason = (e.strerror if isinstance(e, OSError) else None) or _first_line(e)
+            raise CheckpointError(f"cannot write checkpoint {final}: {reason} ({_free_space(self.root)} free); "
+                                  f"the previous checkpoint ({self._latest_name()}) is kept") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        pointer_tmp = self.root / f".latest.tmp{os.getpid()}"
-        pointer_tmp.write_text(name)
-        os.replace(pointer_tmp, self.root / "latest")
         self._prune(keep_name=name)
         return final
+
+    def _latest_name(self) -> str:
+        latest = self.latest()
+        return latest.name if latest is not None else "none"
+
+    def _remove_stale_temps(self) -> None:
+        """Delete half-written ``.tmp-step_…-PID`` directories of processes that died mid-write."""
+        for p in self.root.glob(".tmp-step_*-*"):
+            pid = p.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
 
     def _prune(self, keep_name: str) -> None:
         done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
@@ -273,24 +322,46 @@ class CheckpointManager:
         scheduler: Any = None,
         restore_rng: bool = True,
     ) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
-        """Load a checkpoint (default: the latest). Returns ``(step, model_state, extra)``."""
+        """Load a checkpoint (default: the latest). Returns ``(step, model_state, extra)``.
+
+        A damaged checkpoint is a one-line CheckpointError naming the file (and the previous
+        complete checkpoint, if any, to fall back to by removing the damaged one).
+        """
         path = path or self.latest()
         if path is None:
             raise CheckpointError(f"no checkpoint found under {self.root}")
+        try:
+            return self._load(path, optimizer, scheduler, restore_rng)
+        except CheckpointError as e:
+            older = [p for p in sorted(self.root.glob("step_*")) if p.name < path.name and (p / "meta.json").is_file()]
+            hint = f" (remove it to resume from {older[-1].name})" if older else ""
+            raise CheckpointError(f"{e}{hint}") from None
+
+    def _load(self, path: Path, optimizer: Any, scheduler: Any,
+              restore_rng: bool) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
         for f in ("model.safetensors", "state.pt", "meta.json"):
             if not (path / f).is_file():
                 raise CheckpointError(f"checkpoint {path} is incomplete: missing {f}")
-        model_state = load_file(str(path / "model.safetensors"))
+        try:
+            model_state = load_file(str(path / "model.safetensors"))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint {path}/model.safetensors is not readable ({_first_line(e)})") from None
         try:
             state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         except Exception as e:  # a corrupt file, or one holding non-tensor objects
             raise CheckpointError(f"checkpoint {path}/state.pt cannot be read safely: {type(e).__name__}") from None
-        if optimizer is not None and state.get("optimizer") is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if restore_rng:
-            _set_rng_state(state["rng"])
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+            raise CheckpointError(f"checkpoint {path}/state.pt is not a training state (no step / rng)")
+        try:
+            if optimizer is not None and state.get("optimizer") is not None:
+                optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler") is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            if restore_rng:
+                _set_rng_state(state["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}/state.pt does not match this run's optimizer / scheduler "
+                                  f"({type(e).__name__}: {_first_line(e)})") from None
         return int(state["step"]), model_state, state.get("extra", {})
 
 
@@ -403,8 +474,15 @@ class NonFiniteLossError(CheckpointError):
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise NonFiniteLossError(f"non-finite loss ({loss.item()}) at step {step}; last checkpoint is kept")
+    """Raise NonFiniteLossError if ``loss`` holds a NaN/inf, before it reaches backward() and the weights.
+
+    ``step`` is the 1-based number of the optimizer step being taken, the way logs and checkpoints
+    count (``step_00000004`` holds the weights after 4 steps; a NaN in the 5th step says "step 5").
+    """
+    flat = loss.detach().reshape(-1)
+    bad = flat[~torch.isfinite(flat)]
+    if bad.numel():
+        raise NonFiniteLossError(f"non-finite loss ({bad[0].item()}) at step {step}; last checkpoint is kept")
 
 
 @contextmanager

@@ -31,6 +31,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=_eval)
 
+    from train_scripts.train_decoder import add_reconstruct_arguments, add_train_arguments
+
+    p = tsub.add_parser("train-decoder", help="train the embedded default's unCLIP image decoder (VAE + UNet)",
+                        description="Train a tiny Stable unCLIP (AutoencoderKL + UNet conditioned on the CLIP image "
+                                    "embedding) on the Shapes world; see train_scripts/train_decoder.py.")
+    add_train_arguments(p)
+    p.set_defaults(func=_train_decoder)
+
+    p = tsub.add_parser("reconstruct", help="image → codes → embedding → image, one PNG per input",
+                        description="Reconstruct images through a SEED tokenizer and its image decoder; each output "
+                                    "PNG keeps its input's file stem.")
+    add_reconstruct_arguments(p)
+    p.set_defaults(func=_reconstruct)
+
     p = tsub.add_parser("convert-seed", help="convert an official SEED tokenizer checkpoint into this format")
     p.add_argument("--checkpoint", required=True, help="seed_quantizer.pt / .safetensors from the SEED release")
     p.add_argument("--vision", required=True, help="local vision tower directory (HF format, 1408-d for SEED's EVA ViT-g)")
@@ -66,13 +80,32 @@ def _eval(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from eval.tokenizer_metrics import evaluate_tokenizer
+    from eval.tokenizer_metrics import evaluate_tokenizer, recorded_clip_dir
+    from train_scripts.train_tokenizer import check_clip_dir
 
-    metrics = evaluate_tokenizer(args.model, clip_dir=args.clip, split=args.split, n=args.n)
+    clip = args.clip or recorded_clip_dir(args.model)
+    if clip:  # checked before any work: a wrong --clip would otherwise fail deep inside transformers
+        check_clip_dir(clip)
+    metrics = evaluate_tokenizer(args.model, clip_dir=args.clip, split=args.split, n=args.n,
+                                 shapes=_recorded_shapes(args.model))
     _print_metrics(metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
     return 0
+
+
+def _recorded_shapes(model_dir: str):
+    """The Shapes world a tokenizer was trained on (its image size in particular), from the recipe
+    config saved beside it; None (the default world) when there is none."""
+    from pathlib import Path
+
+    from train_scripts.train_tokenizer import TokenizerTrainConfig
+
+    for name in ("seed_stage2.yaml", "seed_stage1.yaml"):
+        path = Path(model_dir) / name
+        if path.is_file():
+            return TokenizerTrainConfig.from_yaml(path).shapes
+    return None
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -81,3 +114,15 @@ def _convert(args: argparse.Namespace) -> int:
     out = convert_seed_checkpoint(args.checkpoint, args.vision, args.out)
     print(f"converted tokenizer written to {out}")
     return 0
+
+
+def _train_decoder(args: argparse.Namespace) -> int:
+    from train_scripts.train_decoder import train_main
+
+    return train_main(args)
+
+
+def _reconstruct(args: argparse.Namespace) -> int:
+    from train_scripts.train_decoder import reconstruct_main
+
+    return reconstruct_main(args)

@@ -238,6 +238,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         load_state_strict(tok.qformer, src.qformer.state_dict(), f"{cfg.init_from} Q-Former")
         del src
     clip_dir = cfg.vision_path or _stage1_clip_dir(cfg.init_from)
+    check_clip_dir(clip_dir)
     tok.to(info.device)
 
     train = load_shapes_arrays(cfg.shapes, "train", cfg.n_train, cache_dir=_cache_dir(cfg), progress=progress)
@@ -306,7 +307,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                 tracker.update(q.indices)
                 logs.update({k: v.item() for k, v in parts.items() if k != "loss"})
                 logs.update({k: float(v) for k, v in q.metrics.items()})
-        check_finite(loss, step)
+        check_finite(loss, step + 1)  # 1-based, as logged and checkpointed
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -348,6 +349,26 @@ def _stage1_clip_dir(init_from: str) -> str:
     if not saved.is_file():
         raise ConfigError(f"{init_from} has no seed_stage1.yaml: pass --vision-path (the CLIP directory)")
     return TokenizerTrainConfig.from_yaml(saved).vision_path
+
+
+def check_clip_dir(path: str) -> None:
+    """Raise a one-line ConfigError unless ``path`` is a full CLIP directory (both towers and a text
+    tokenizer): its text tower embeds the captions that score retrieval (``build_bank``)."""
+    import json
+
+    p = Path(path)
+    config = p / "config.json"
+    if not config.is_file():
+        raise ConfigError(f"CLIP directory {p}: no config.json")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8", errors="replace")).get("model_type")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"CLIP directory {p}: config.json is not a JSON object") from None
+    if model_type != "clip":
+        raise ConfigError(f"{p} is not a full CLIP directory (model_type {model_type!r}, expected 'clip'): "
+                          "the text tower is needed to embed captions")
+    if not ((p / "tokenizer.json").is_file() or ((p / "vocab.json").is_file() and (p / "merges.txt").is_file())):
+        raise ConfigError(f"CLIP directory {p}: no text tokenizer (tokenizer.json, or vocab.json + merges.txt)")
 
 
 def _build_fresh(tcfg: SeedTokenizerConfig) -> SeedTokenizer:
@@ -396,4 +417,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["TokenizerTrainConfig", "train_tokenizer"]
+__all__ = ["TokenizerTrainConfig", "check_clip_dir", "train_tokenizer"]
