@@ -123,6 +123,48 @@ def relation_between(a: tuple[float, float], b: tuple[float, float]) -> str:
     return "above" if dy > 0 else "below"
 
 
+def mirror_attributes(attributes: dict[str, Any], axis: str, image_size: int) -> dict[str, Any]:
+    """The scene reflected left↔right (``axis="x"``) or top↔bottom (``axis="y"``): a copy.
+
+    Boxes, grid positions and the relation are reflected; shapes stay upright (a triangle's apex
+    stays at the top), so the result is again a scene of this world — the counterfactual that a
+    bag-of-objects image embedding cannot tell from the original (used as a hard negative).
+    """
+    if axis not in ("x", "y"):
+        raise ValueError(f"axis must be 'x' or 'y', got {axis!r}")
+    S = image_size
+    flip_rel = {"x": {"left of": "right of", "right of": "left of"},
+                "y": {"above": "below", "below": "above"}}[axis]
+    out = {"kind": attributes["kind"], "relation": attributes.get("relation"), "objects": []}
+    for obj in attributes["objects"]:
+        o = dict(obj)
+        x0, y0, x1, y1 = obj["box"]
+        o["box"] = [S - x1, y0, S - x0, y1] if axis == "x" else [x0, S - y1, x1, S - y0]
+        if obj.get("position") is not None:
+            row, col = divmod(POSITIONS.index(obj["position"]), 3)
+            row, col = (row, 2 - col) if axis == "x" else (2 - row, col)
+            o["position"] = POSITIONS[3 * row + col]
+        out["objects"].append(o)
+    if out["relation"] is not None:
+        out["relation"] = flip_rel.get(out["relation"], out["relation"])
+    return out
+
+
+def swap_bindings(attributes: dict[str, Any], what: str) -> dict[str, Any]:
+    """A pair scene with the two objects' colours (``what="colour"``) or shapes swapped: a copy.
+
+    Boxes and sizes stay where they are, so the layout is valid; only which attribute goes with
+    which object changes (the binding a bag-of-words embedding misses).
+    """
+    if attributes["kind"] != "pair":
+        raise ValueError("swap_bindings needs a pair scene")
+    if what not in ("colour", "shape"):
+        raise ValueError(f"what must be 'colour' or 'shape', got {what!r}")
+    a, b = (dict(o) for o in attributes["objects"])
+    a[what], b[what] = b[what], a[what]
+    return {"kind": "pair", "relation": attributes["relation"], "objects": [a, b]}
+
+
 # ---- captions -------------------------------------------------------------------------------
 
 def _noun_phrase(obj: dict[str, Any]) -> str:

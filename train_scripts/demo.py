@@ -15,6 +15,9 @@ Stages (more join as the toolkit grows):
 2. ``clip`` — stage 0: the tiny CLIP (frozen ViT, text tower, unCLIP embedding space).
 3. ``tokenizer`` — stages 1 and 2 of the SEED tokenizer, scored on the ``test`` split (code
    usage, perplexity, embedding cosine, text↔image retrieval from the codes).
+4. ``decoder`` — the unCLIP image decoder (autoencoder + UNet conditioned on the CLIP image
+   embedding), attached to the tokenizer as its ``image_decoder/`` and scored with the Shapes
+   scorer: decoded from the true embedding, and the round trip image → codes → image.
 """
 
 from __future__ import annotations
@@ -84,11 +87,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "clip": {"steps": 600, "n_train": 20000},
         "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
         "stage2": {"steps": 500, "n_train": 20000},
+        "decoder": {"vae_steps": 600, "steps": 3000, "n_train": 20000},
     },
     "full": {
         "clip": {"steps": 1500, "n_train": 30000},
         "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
         "stage2": {"steps": 1000, "n_train": 30000},
+        "decoder": {"vae_steps": 1500, "steps": 10000, "n_train": 40000},
     },
 }
 
@@ -116,11 +121,23 @@ def _stage_tokenizer(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     return {"stage1_val": s1, "test": test, "model": str(out / "stage2" / "model")}
 
 
+def _stage_decoder(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from train_scripts.train_decoder import DecoderTrainConfig, train_decoder
+
+    dec_cfg = DecoderTrainConfig(out=str(out), clip=str(Path(cfg.out) / "clip" / "model"),
+                                 tokenizer=str(Path(cfg.out) / "tokenizer" / "stage2" / "model"),
+                                 shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress,
+                                 n_eval=min(cfg.n_test_tokenizer, 500), **PRESETS[cfg.preset]["decoder"])
+    return train_decoder(dec_cfg)
+
+
 STAGES: list[Stage] = [
     Stage("data", _stage_data, ("seed", "image_size", "n_test", "n_compositional", "held_out")),
     Stage("clip", _stage_clip, ("seed", "image_size", "held_out", "preset")),
     Stage("tokenizer", _stage_tokenizer, ("seed", "image_size", "held_out", "preset", "n_test_tokenizer"),
           needs=("clip",)),
+    Stage("decoder", _stage_decoder, ("seed", "image_size", "held_out", "preset", "n_test_tokenizer"),
+          needs=("clip", "tokenizer")),
 ]
 
 

@@ -57,6 +57,7 @@ from train_scripts.runtime import (
     check_finite,
     init_distributed,
     load_state_strict,
+    quiet_libraries,
     resolve_precision,
     seed_everything,
 )
@@ -72,6 +73,10 @@ class DecoderTrainConfig(ConfigBase):
     n_train: int = option(20000, help="training scenes rendered once and reused")
     n_eval: int = option(500, help="test-split scenes decoded and scored at the end")
     # VAE
+    vae: str = option("", help="a trained AutoencoderKL directory to use instead of training one (e.g. the OUT/vae "
+                               "of an earlier run, or of a `--vae-only` run that ran in parallel with stage 0)")
+    vae_only: bool = option(False, help="train (and score) only the autoencoder, then stop: it needs no CLIP, so it "
+                                        "can run while the CLIP trains")
     vae_steps: int = option(1500, help="autoencoder optimizer steps (0 = reuse OUT/vae)")
     vae_batch_size: int = option(32, help="autoencoder batch size")
     vae_lr: float = option(1.5e-3, help="autoencoder peak learning rate")
@@ -193,7 +198,9 @@ def train_vae(cfg: DecoderTrainConfig, train: ShapesArrays, info, precision: str
 
     from seedtok.unclip import build_vae
 
-    final = out / "vae"
+    final = Path(cfg.vae) if cfg.vae else out / "vae"
+    if cfg.vae and not (final / "config.json").is_file():
+        raise CheckpointError(f"--vae {final}: not an autoencoder directory (no config.json)")
     if (final / "config.json").is_file():
         return AutoencoderKL.from_pretrained(final).to(info.device).eval()
     if cfg.vae_steps <= 0:
@@ -217,7 +224,7 @@ def train_vae(cfg: DecoderTrainConfig, train: ShapesArrays, info, precision: str
         x = pixels_pm1(train.images[idx]).to(info.device)
         with autocast(precision, info.device):
             loss = vae_loss(vae, x, cfg.vae_fg_weight, cfg.vae_kl_weight)
-        check_finite(loss, step)
+        check_finite(loss, step + 1)  # 1-based, as logged and checkpointed
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if info.distributed:
@@ -300,6 +307,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
     )
 
     # 1. Setup
+    if cfg.vae_only:
+        return train_autoencoder(cfg)
     if not cfg.clip:
         raise ConfigError("--clip is required: the stage-0 CLIP directory whose image embeddings the decoder paints")
     if cfg.zero_snr and cfg.prediction_type != "v_prediction":
@@ -327,7 +336,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
 
     # 2. VAE, 3. latents
     vae = train_vae(cfg, train, info, precision, out, progress)
-    latents = _cached(out / "vae" / f"latents_train_{cfg.n_train}.pt",
+    vae_dir = Path(cfg.vae) if cfg.vae else out / "vae"
+    latents = _cached(cache / f"latents_train_{cfg.n_train}_{_fingerprint(vae_dir)}.pt",
                       lambda: encode_latents(vae, train.images, info.device, progress=progress))
     scaling = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling)
@@ -395,7 +405,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
         noise = torch.randn(z0.shape, generator=gen).to(info.device)
         with autocast(precision, info.device):
             loss = diffusion_loss(model, z0, cond, t, train_sched, noise, text_states)
-        check_finite(loss, step)
+        check_finite(loss, step + 1)  # 1-based, as logged and checkpointed
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -435,6 +445,33 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
             metrics.update(evaluate_round_trip(cfg.tokenizer, test, cfg.n_eval, seed=cfg.seed, progress=progress))
         logger.log(cfg.steps, **metrics)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if info.distributed:
+        torch.distributed.barrier()
+    return metrics
+
+
+def train_autoencoder(cfg: DecoderTrainConfig) -> dict[str, float]:
+    """``vae_only``: train (or reuse) ``OUT/vae`` and score its reconstructions of the test split —
+    the ceiling of every image the decoder will paint."""
+    quiet_libraries()
+    info = init_distributed(cfg.device)
+    precision = resolve_precision(cfg.precision, info.device)
+    out = Path(cfg.out)
+    progress = cfg.progress and info.is_main
+    cache = out / "cache"
+    train = load_shapes_arrays(cfg.shapes, "train", cfg.n_train, cache_dir=cache, progress=progress)
+    test = load_shapes_arrays(cfg.shapes, "test", max(cfg.n_eval, 16), cache_dir=cache, progress=progress)
+    if info.is_main:
+        cfg.to_yaml(out / "decoder_train.yaml")
+    vae = train_vae(cfg, train, info, precision, out, progress)
+    metrics: dict[str, float] = {}
+    if info.is_main:
+        with torch.no_grad():
+            z = encode_latents(vae, test.images[:cfg.n_eval], info.device)
+            recon = [uint8_from_pm1(vae.decode(z[s:s + 250].to(info.device)).sample.float().cpu())
+                     for s in range(0, len(z), 250)]
+        metrics = _summary("vae_recon", np.concatenate(recon), test.attributes[:cfg.n_eval])
+        (out / "vae_metrics.json").write_text(json.dumps(metrics, indent=1))
     if info.distributed:
         torch.distributed.barrier()
     return metrics

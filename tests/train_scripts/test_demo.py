@@ -15,6 +15,9 @@ TINY = {
     "clip": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage1": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage2": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
+    "decoder": {"vae_steps": 2, "vae_batch_size": 4, "vae_block_out_channels": [16, 16], "vae_latent_channels": 4,
+                "unet_block_out_channels": [16, 32], "unet_attention_levels": [False, True], "steps": 2,
+                "batch_size": 4, "n_train": 64, "num_inference_steps": 2, "sample_every": 0},
 }
 
 
@@ -35,6 +38,10 @@ def test_demo_stages_run_and_are_reused(tmp_path):
     tok = metrics["stages"]["tokenizer"]["metrics"]["test"]
     assert 0 < tok["code_usage"] <= 1 and 0 <= tok["t2i_R@1"] <= 1
     assert (tmp_path / "demo/tokenizer/stage2/model/model.safetensors").is_file()
+
+    dec = metrics["stages"]["decoder"]["metrics"]
+    assert 0 <= dec["true_embed_strict"] <= 1 and 0 <= dec["round_trip_strict"] <= 1
+    assert (tmp_path / "demo/tokenizer/stage2/model/image_decoder/model_index.json").is_file()
 
     logs.clear()
     run_demo(cfg, log=logs.append)

@@ -79,6 +79,21 @@ def test_recipe_end_to_end_and_resume(clip_dir, tmp_path):
     assert (out / "vae" / "config.json").stat().st_mtime == vae_mtime
 
 
+def test_vae_only_run_then_decoder_reuses_that_autoencoder(clip_dir, tmp_path):
+    """The autoencoder needs no CLIP: a vae_only run (as the demo runs it beside stage 0) scores its
+    reconstructions, and a later decoder run given --vae uses it without training another."""
+    vae_run = tmp_path / "vae_run"
+    base = tiny_cfg(vae_run, clip_dir).to_dict()
+    m = train_decoder(DecoderTrainConfig.from_dict({**base, "clip": "", "vae_only": True}))
+    assert set(m) >= {"vae_recon_strict", "vae_recon_colour"} and 0.0 <= m["vae_recon_strict"] <= 1.0
+    assert (vae_run / "vae" / "config.json").is_file() and not (vae_run / "decoder").exists()
+    dec_run = tmp_path / "dec_run"
+    train_decoder(tiny_cfg(dec_run, clip_dir, vae=str(vae_run / "vae"), vae_steps=0))
+    assert not (dec_run / "vae").exists() and (dec_run / "decoder" / "vae").is_dir()
+    with pytest.raises(CheckpointError, match="not an autoencoder directory"):
+        train_decoder(tiny_cfg(tmp_path / "x", clip_dir, vae=str(tmp_path / "missing")))
+
+
 def test_unet_learns_on_a_fixed_batch():
     """A few AdamW steps on one batch cut the v-prediction loss: the condition → UNet → loss path trains."""
     from seedtok.unclip import build_noising, build_schedulers, build_unet, class_labels
