@@ -152,6 +152,8 @@ class SeedChat:
         items (``{"type": "text"|"image", …}``). Images in the reply are painted when
         ``decode_images`` and an image decoder is available (image ``i`` with seed ``seed + i``).
         """
+        if not images and (not message or (isinstance(message, str) and not message.strip())):
+            raise DataError("the message is empty (no text and no image)")
         user = self.processor.fill_image_spans([self._user_message(message, images)])[0]
         conversation = self._head() + self.history + [user]
         input_ids, attention_mask = self._encode([conversation])
@@ -235,6 +237,9 @@ class SeedChat:
             raise ConfigError(f"n must be ≥ 1, got {n}")
         if not prompts:
             raise DataError("no prompts to generate from")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise DataError(f"prompt {i} is empty: nothing to generate an image from")
         torch.manual_seed(seed)
         rows = [p for p in prompts for _ in range(n)]
         codes = []

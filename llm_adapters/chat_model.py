@@ -141,7 +141,12 @@ def load_chat_model(model_dir: str | os.PathLike, *, device: str | torch.device 
             raise ConfigError(f"quantize must be '4bit' or '8bit', got {quantize!r}")
         model = load_base_for_qlora(model_dir, bits=bits, device=device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        if not any(model_dir.glob("*.safetensors")):
+            raise CheckpointError(f"{model_dir}: no model weights (model.safetensors) in the chat-model directory")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
+        except (OSError, ValueError) as e:  # transformers' multi-line report → one line naming the dir
+            raise CheckpointError(f"{model_dir}: cannot load the LLM ({str(e).strip().splitlines()[0]})") from None
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < processor.vocab.vocab_size:
         raise CheckpointError(f"{model_dir}: the model has {rows} embedding rows, image_vocab.json needs "

@@ -122,6 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.out.is_dir():
             raise ConfigError(f"--out {args.out} must be a directory with --prompts")
     else:
+        if not args.prompt.strip():
+            raise DataError("--prompt is empty: nothing to generate an image from")
         prompts = [args.prompt]
     chat = _load(args)
     if not chat.can_draw:

@@ -31,6 +31,10 @@ from seedtok.types import ImageCodes
 SEED_TOKENIZER_DIR = "seed_tokenizer"
 
 
+#: Images with more pixels than this are refused (64 megapixels, an 8000 × 8000 photo).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
 def _open_image(image: Any) -> Any:
     from PIL import Image
 
@@ -40,8 +44,13 @@ def _open_image(image: Any) -> Any:
             raise DataError(f"image not found: {path}")
         try:
             with Image.open(path) as im:
+                # Checked on the header, before any pixel is decoded (the same limit as the data
+                # pipelines' decoder; that module sits downstream of this package).
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise DataError(f"{path}: {im.width}×{im.height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel "
+                                    "limit (a decompression bomb?)")
                 return im.convert("RGB")
-        except OSError:
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             raise DataError(f"{path}: not a readable image") from None
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image

@@ -1,9 +1,6 @@
 """The LLM-stage items of the corpus: an empty prompt, codes out of range, a codebook / vocabulary
 mismatch, bad images and a broken chat-model directory — through llm_adapters' Python API and the
 ``seed generate`` / ``seed caption`` commands.
-
-Rows marked ``xfail(strict=True)`` are known gaps in llm_adapters (reported to its owner); strict
-means the mark must go as soon as the fix lands (an unexpected pass fails the suite).
 """
 
 from __future__ import annotations
@@ -22,9 +19,6 @@ from conftest import assert_one_line_error
 from seedtok.errors import CheckpointError, ConfigError, DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm_adapters"))
-
-GAP = "llm_adapters gap, reported: "
-
 
 @pytest.fixture(scope="module")
 def chat(models):
@@ -55,7 +49,6 @@ def seed_chat(chat):
 # ---- empty prompt ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=GAP + "SeedChat.generate_codes/send accept an empty prompt")
 @pytest.mark.parametrize("prompt", ["", "  \n\t"], ids=["empty", "whitespace"])
 def test_empty_prompt_python_api(seed_chat, prompt):
     with pytest.raises(DataError, match="empty"):
@@ -64,7 +57,6 @@ def test_empty_prompt_python_api(seed_chat, prompt):
         seed_chat.send(prompt, max_new_tokens=2)
 
 
-@pytest.mark.xfail(strict=True, reason=GAP + "`seed generate --prompt ''` is not refused (fails later, on other grounds)")
 def test_empty_prompt_cli(chat, seed_cli, tmp_path):
     rc, _, err = seed_cli("generate", "--model", chat / "chat", "--prompt", " ", "--out", tmp_path / "x.png")
     assert_one_line_error(rc, err, "prompt")
@@ -147,7 +139,6 @@ def test_caption_cli_names_a_bad_image(chat, bad, seed_cli, name):
     assert_one_line_error(rc, err, name)
 
 
-@pytest.mark.xfail(strict=True, reason=GAP + "processor._open_image lets PIL's DecompressionBombError through")
 def test_caption_cli_refuses_a_bomb(chat, bad, seed_cli):
     rc, _, err = seed_cli("caption", "--model", chat / "chat", bad.images / "bomb.png")
     assert_one_line_error(rc, err, "bomb.png")
@@ -160,7 +151,6 @@ def test_chat_dir_without_weights_cli(chat, bad, seed_cli):
     assert_one_line_error(rc, err, "model.safetensors")
 
 
-@pytest.mark.xfail(strict=True, reason=GAP + "load_chat_model raises transformers' OSError, not CheckpointError")
 def test_chat_dir_without_weights_python_api(chat):
     from llm_adapters.chat_model import load_chat_model
 
