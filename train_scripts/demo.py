@@ -84,13 +84,13 @@ def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 #: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "clip": {"steps": 600, "n_train": 20000},
+        "clip": {"steps": 600, "cf_steps": 150, "n_train": 20000},
         "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
         "stage2": {"steps": 500, "n_train": 20000},
         "decoder": {"vae_steps": 600, "steps": 3000, "n_train": 20000},
     },
     "full": {
-        "clip": {"steps": 1500, "n_train": 30000},
+        "clip": {"steps": 1500, "cf_steps": 300, "n_train": 30000},
         "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
         "stage2": {"steps": 1000, "n_train": 30000},
         "decoder": {"vae_steps": 1500, "steps": 10000, "n_train": 40000},

@@ -78,6 +78,11 @@ class ClipTrainConfig(ConfigBase):
     image_negatives: bool = option(True, help="render one counterfactual image per scene (mirrored, or a pair with "
                                               "its colours/shapes swapped) as an extra text→image negative: "
                                               "forces the image embedding to encode order and binding")
+    cf_steps: int = option(300, help="phase 2: steps after the main schedule on batches where every scene comes with "
+                                     "its mirror image AND the mirror's caption (half of them pairs), contrasted both "
+                                     "ways; this is what teaches the relation words: after the main phase alone, a "
+                                     "pair's caption picked its image over the mirror image only ~72% of the time")
+    cf_lr: float = option(3e-4, help="constant learning rate of phase 2")
     hard_negative_weight: float = option(1.0, help="weight of the focused two-way terms: each caption against its own "
                                                     "image vs the counterfactual image, each image against its "
                                                     "caption vs the hard-negative caption. Within the batch-wide "
@@ -384,6 +389,8 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
             cf_images[i] = np.asarray(world.render(cf))
             cf_keys.append(key_index.setdefault(canonical_caption(cf), len(key_index)))
 
+    mirror = mirror_set(train, cfg, tok, key_index, progress) if cfg.cf_steps > 0 else None
+
     model = build_clip(cfg, vocab_size=len(tok)).to(info.device)
     with torch.no_grad():
         model.logit_scale.fill_(cfg.logit_scale_init)
@@ -396,7 +403,8 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _two_phase(cfg.warmup, cfg.steps, cfg.cf_lr / cfg.lr))
+    total = cfg.steps + max(0, cfg.cf_steps)
     ckpt = CheckpointManager(out / "checkpoints")
     logger = MetricsLogger(out / "log.jsonl", enabled=info.is_main)
 
@@ -412,51 +420,28 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
     # Batches and augmentation draw from a generator re-seeded every step from (seed, rank, step):
     # a resumed run sees exactly the batches the uninterrupted run would have seen.
     gen = torch.Generator()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="stage 0 CLIP", disable=not progress)
+    batch = _Batcher(train, ids, mask, keys, cfg, info.device, precision, neg_ids, neg_mask, neg_keys,
+                     cf_images, cf_keys, mirror)
+    bar = tqdm(range(start, total), initial=start, total=total, desc="stage 0 CLIP", disable=not progress)
     model.train()
     for step in bar:
         gen.manual_seed(cfg.seed * 1_000_003 + info.rank * 7919 + step)
-        idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
-        var = torch.randint(0, ids.shape[1], (cfg.batch_size,), generator=gen)
-        nvar = torch.randint(0, max(1, cfg.n_text_negatives), (cfg.batch_size,), generator=gen)
-        B = len(idx)
-        images = train.images[idx.numpy()]
-        if cf_images is not None:
-            images = np.concatenate([images, cf_images[idx.numpy()]])
-        pixels = pixels_from_uint8(images).to(info.device)
-        b_ids, b_mask = ids[idx, var], mask[idx, var]
-        if neg_ids is not None:
-            b_ids, b_mask = torch.cat([b_ids, neg_ids[idx, nvar]]), torch.cat([b_mask, neg_mask[idx, nvar]])
-        with autocast(precision, info.device):
-            # One pass of each tower over positives and hard negatives; CLIPModel's own logits
-            # are unused — the loss below builds multi-positive targets from the captions.
-            out_m = ddp(input_ids=b_ids.to(info.device), attention_mask=b_mask.to(info.device), pixel_values=pixels)
-        b_keys = [keys[i] for i in idx.tolist()]
-        negs = (
-            out_m.text_embeds[B:] if neg_ids is not None else None,
-            neg_keys[idx, nvar].tolist() if neg_ids is not None else None,
-            out_m.image_embeds[B:] if cf_images is not None else None,
-            [cf_keys[i] for i in idx.tolist()] if cf_images is not None else None,
-        )
-        loss = contrastive_loss(out_m.image_embeds[:B], out_m.text_embeds[:B], model.logit_scale, b_keys, *negs)
-        if cfg.hard_negative_weight > 0:
-            loss = loss + cfg.hard_negative_weight * hard_negative_loss(
-                out_m.image_embeds[:B], out_m.text_embeds[:B], model.logit_scale, b_keys, *negs)
+        loss = batch.mirror_loss(ddp, model, gen) if step >= cfg.steps else batch.main_loss(ddp, model, gen)
         check_finite(loss, step + 1)  # 1-based, as logged and checkpointed
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == total:
             logger.log(step + 1, loss=loss.item(), lr=sched.get_last_lr()[0], logit_scale=model.logit_scale.exp().item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        if info.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if info.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < total:
             m = _val_retrieval(model, tok, val, cfg, info.device)
             logger.log(step + 1, **m)
             bar.write(f"step {step + 1}: " + " ".join(f"{k}={v:.3f}" for k, v in m.items()))
             model.train()
-        if checkpoint_or_stop(ckpt, info, step=step + 1, start=start, total=cfg.steps, ckpt_every=cfg.ckpt_every,
+        if checkpoint_or_stop(ckpt, info, step=step + 1, start=start, total=total, ckpt_every=cfg.ckpt_every,
                               stop_after=cfg.stop_after, module=model, optimizer=opt, scheduler=sched,
                               config=cfg.to_dict(), write=bar.write):
             return {}
@@ -467,10 +452,122 @@ def train_clip(cfg: ClipTrainConfig) -> dict[str, float]:
         model.eval()
         save_clip_dir(model, tok, out / "model", cfg)
         metrics = _val_retrieval(model, tok, val, cfg, info.device)
-        logger.log(cfg.steps, **metrics)
+        logger.log(total, **metrics)
     if info.distributed:
         torch.distributed.barrier()
     return metrics
+
+
+@dataclass
+class _MirrorSet:
+    """Every training scene's mirror: image, canonical caption ids and caption key, and which scenes are pairs."""
+
+    images: np.ndarray
+    ids: torch.Tensor
+    mask: torch.Tensor
+    keys: list[int]
+    pairs: torch.Tensor
+
+
+def mirror_set(train: ShapesArrays, cfg: ClipTrainConfig, tok, key_index: dict[str, int], progress: bool) -> _MirrorSet:
+    """Phase 2's data: singles mirrored on an axis that moves them, pairs along their relation's axis."""
+    from data_pipelines.shapes import POSITIONS, ShapesWorld, canonical_caption, mirror_attributes
+
+    world = ShapesWorld(cfg.shapes)
+    images = np.empty_like(train.images)
+    captions = []
+    for i, a in enumerate(tqdm(train.attributes, desc="mirror scenes", disable=not progress)):
+        if a["kind"] == "pair":
+            axis = "x" if a["relation"] in ("left of", "right of") else "y"
+        else:
+            axis = "y" if POSITIONS.index(a["objects"][0]["position"]) % 3 == 1 else "x"
+        m = mirror_attributes(a, axis, cfg.shapes.image_size)
+        images[i] = np.asarray(world.render(m))
+        captions.append(canonical_caption(m))
+    enc = tok(captions, padding="max_length", truncation=True, max_length=cfg.max_text_len, return_tensors="pt")
+    pairs = torch.tensor([i for i, a in enumerate(train.attributes) if a["kind"] == "pair"])
+    return _MirrorSet(images, enc["input_ids"], enc["attention_mask"],
+                      [key_index.setdefault(c, len(key_index)) for c in captions], pairs)
+
+
+@dataclass
+class _Batcher:
+    """Draws a step's batch (from the step's generator) and returns its loss, for either phase."""
+
+    train: ShapesArrays
+    ids: torch.Tensor
+    mask: torch.Tensor
+    keys: list[int]
+    cfg: ClipTrainConfig
+    device: torch.device
+    precision: str
+    neg_ids: torch.Tensor | None
+    neg_mask: torch.Tensor | None
+    neg_keys: torch.Tensor | None
+    cf_images: np.ndarray | None
+    cf_keys: list[int] | None
+    mirror: _MirrorSet | None
+
+    def _forward(self, ddp, images: np.ndarray, b_ids: torch.Tensor, b_mask: torch.Tensor):
+        with autocast(self.precision, self.device):
+            # One pass of each tower over positives and negatives; CLIPModel's own logits are
+            # unused — the losses build multi-positive targets from the captions.
+            return ddp(input_ids=b_ids.to(self.device), attention_mask=b_mask.to(self.device),
+                       pixel_values=pixels_from_uint8(images).to(self.device))
+
+    def main_loss(self, ddp, model, gen: torch.Generator) -> torch.Tensor:
+        """Phase 1: batch-wide multi-positive InfoNCE with hard negatives (+ the focused two-way terms)."""
+        cfg = self.cfg
+        idx = torch.randint(0, len(self.train), (cfg.batch_size,), generator=gen)
+        var = torch.randint(0, self.ids.shape[1], (cfg.batch_size,), generator=gen)
+        nvar = torch.randint(0, max(1, cfg.n_text_negatives), (cfg.batch_size,), generator=gen)
+        B = len(idx)
+        images = self.train.images[idx.numpy()]
+        if self.cf_images is not None:
+            images = np.concatenate([images, self.cf_images[idx.numpy()]])
+        b_ids, b_mask = self.ids[idx, var], self.mask[idx, var]
+        if self.neg_ids is not None:
+            b_ids = torch.cat([b_ids, self.neg_ids[idx, nvar]])
+            b_mask = torch.cat([b_mask, self.neg_mask[idx, nvar]])
+        out = self._forward(ddp, images, b_ids, b_mask)
+        b_keys = [self.keys[i] for i in idx.tolist()]
+        negs = (
+            out.text_embeds[B:] if self.neg_ids is not None else None,
+            self.neg_keys[idx, nvar].tolist() if self.neg_ids is not None else None,
+            out.image_embeds[B:] if self.cf_images is not None else None,
+            [self.cf_keys[i] for i in idx.tolist()] if self.cf_images is not None else None,
+        )
+        loss = contrastive_loss(out.image_embeds[:B], out.text_embeds[:B], model.logit_scale, b_keys, *negs)
+        if cfg.hard_negative_weight > 0:
+            loss = loss + cfg.hard_negative_weight * hard_negative_loss(
+                out.image_embeds[:B], out.text_embeds[:B], model.logit_scale, b_keys, *negs)
+        return loss
+
+    def mirror_loss(self, ddp, model, gen: torch.Generator) -> torch.Tensor:
+        """Phase 2: half pairs, half any scene; each with its mirror image and the mirror's caption.
+
+        InfoNCE over all 2B images and 2B texts, plus the two-way terms in both directions (own
+        caption: own image vs mirror; mirror caption: mirror image vs own) — so the text tower has
+        to tell "A left of B" from "A right of B" as much as the image tower has to.
+        """
+        cfg, m = self.cfg, self.mirror
+        half = cfg.batch_size // 2
+        idx = torch.cat([m.pairs[torch.randint(0, len(m.pairs), (half,), generator=gen)],
+                         torch.randint(0, len(self.train), (cfg.batch_size - half,), generator=gen)])
+        var = torch.randint(0, self.ids.shape[1], (cfg.batch_size,), generator=gen)
+        B = len(idx)
+        images = np.concatenate([self.train.images[idx.numpy()], m.images[idx.numpy()]])
+        b_ids = torch.cat([self.ids[idx, var], m.ids[idx]])
+        b_mask = torch.cat([self.mask[idx, var], m.mask[idx]])
+        out = self._forward(ddp, images, b_ids, b_mask)
+        own_keys = [self.keys[i] for i in idx.tolist()]
+        mir_keys = [m.keys[i] for i in idx.tolist()]
+        img, txt, scale = out.image_embeds, out.text_embeds, model.logit_scale
+        loss = contrastive_loss(img, txt, scale, own_keys + mir_keys)
+        loss = loss + cfg.hard_negative_weight * 0.5 * (
+            hard_negative_loss(img[:B], txt[:B], scale, own_keys, txt[B:], mir_keys, img[B:], mir_keys)
+            + hard_negative_loss(img[B:], txt[B:], scale, mir_keys, txt[:B], own_keys, img[:B], own_keys))
+        return loss
 
 
 def _val_retrieval(model, tok, val: ShapesArrays, cfg: ClipTrainConfig, device: torch.device) -> dict[str, float]:
@@ -532,6 +629,16 @@ def save_clip_dir(model, tok, path: Path, cfg: ClipTrainConfig) -> Path:
     if old.exists():
         shutil.rmtree(old)
     return path
+
+
+def _two_phase(warmup: int, steps: int, phase2_ratio: float):
+    """Warmup + cosine over the main ``steps``, then a constant ``phase2_ratio`` × the peak rate."""
+    main = _warmup_cosine(warmup, steps)
+
+    def f(step: int) -> float:
+        return main(step) if step < steps else phase2_ratio
+
+    return f
 
 
 def _warmup_cosine(warmup: int, total: int):

@@ -12,7 +12,7 @@ from train_scripts.demo import DemoConfig, run_demo
 
 # Real architectures, schedules cut to a few steps: the stages' plumbing, not their quality.
 TINY = {
-    "clip": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
+    "clip": {"steps": 3, "cf_steps": 2, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage1": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage2": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
     "decoder": {"vae_steps": 2, "vae_batch_size": 4, "vae_block_out_channels": [16, 16], "vae_latent_channels": 4,

@@ -29,7 +29,7 @@ def _rows(path: Path) -> list[dict]:
 def _clip_cfg(out: Path, **kw) -> ClipTrainConfig:
     base = dict(out=str(out), shapes=SHAPES, n_train=256, n_val=64, patch_size=8, vision_width=32,
                 vision_layers=2, text_width=32, text_layers=1, heads=2, projection_dim=16, steps=120,
-                batch_size=64, lr=2e-3, warmup=3, log_every=5, eval_every=0, ckpt_every=1000,
+                batch_size=64, lr=2e-3, warmup=3, log_every=5, eval_every=0, ckpt_every=1000, cf_steps=20,
                 precision="fp32", progress=False)
     base.update(kw)
     return ClipTrainConfig(**base)
@@ -69,10 +69,16 @@ def test_stage0_clip_learns_and_saves_an_ordinary_clip_dir(trained):
 
     root, metrics, _ = trained
     rows = [r for r in _rows(root / "clip/log.jsonl") if "loss" in r]
-    first = sum(r["loss"] for r in rows[:3]) / 3
-    last = sum(r["loss"] for r in rows[-3:]) / 3
+    main = [r for r in rows if r["step"] <= 120]
+    first = sum(r["loss"] for r in main[:3]) / 3
+    last = sum(r["loss"] for r in main[-3:]) / 3
     assert last < 0.8 * first, (first, last)
+    # Phase 2 (mirror pairs) follows the main schedule at its own constant learning rate.
+    phase2 = [r for r in rows if r["step"] > 120]
+    assert [r["step"] for r in phase2] == [125, 130, 135, 140]
+    assert all(r["lr"] == pytest.approx(3e-4) for r in phase2)
     assert 0.0 <= metrics["val_t2i_R@1"] <= 1.0
+    assert 0.0 <= metrics["val_cf_pair"] <= 1.0 and 0.0 <= metrics["val_cf_single"] <= 1.0
     model = CLIPModel.from_pretrained(root / "clip/model")
     tok = AutoTokenizer.from_pretrained(root / "clip/model")
     ids = tok(["a large red circle in the top left"], return_tensors="pt")
