@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from eval import cli as eval_cli
     from llm_adapters import cli as llm_cli
     from train_scripts import demo_cli, tokenizer_cli
+    from train_scripts import llm_cli as train_llm_cli
 
     parser = argparse.ArgumentParser(
         prog="seed",
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_cli.register(sub)
     tokenizer_cli.register(sub)
     llm_cli.register(sub)
+    train_llm_cli.register(sub)  # `seed llm train`, in the group llm_adapters created
     eval_cli.register(sub)
     demo_cli.register(sub)
     return parser
