@@ -3,21 +3,26 @@
 Each stage writes into ``OUT/<stage>/`` and finishes by writing ``OUT/<stage>/DONE.json`` (its
 metrics and the hash of the config it ran with). Re-running the demo skips every stage whose
 marker matches the current config, so an interrupted demo picks up where it stopped and a
-finished one only re-renders the report.
+finished one only re-renders the report. A stage is also re-run when a stage whose outputs it
+reads re-ran (``needs``: the hashes chain).
 
-A stage is also re-run when a stage whose outputs it reads re-ran (``needs``: the hashes chain).
+Stages (``needs`` in brackets):
 
-Stages (more join as the toolkit grows):
-
-1. ``data`` — the Shapes world: the held-out ``test`` split and the ``compositional`` split
-   written as image folders (PNG + ``metadata.jsonl``), and the scorer checked on them (the
-   generator's own images must score 100% strict, else the scorer or generator is broken).
+1. ``data`` — the held-out ``test`` and ``compositional`` splits as image folders (PNG +
+   ``metadata.jsonl``); the scorer must give the generator's own images 100% strict.
 2. ``clip`` — stage 0: the tiny CLIP (frozen ViT, text tower, unCLIP embedding space).
-3. ``tokenizer`` — stages 1 and 2 of the SEED tokenizer, scored on the ``test`` split (code
-   usage, perplexity, embedding cosine, text↔image retrieval from the codes).
-4. ``decoder`` — the unCLIP image decoder (autoencoder + UNet conditioned on the CLIP image
-   embedding), attached to the tokenizer as its ``image_decoder/`` and scored with the Shapes
-   scorer: decoded from the true embedding, and the round trip image → codes → image.
+3. ``vae`` — the image decoder's autoencoder (needs nothing: it runs beside ``clip``).
+4. ``tokenizer`` [clip] — stages 1 and 2 of the SEED tokenizer, scored on the ``test`` split.
+5. ``decoder`` [clip, vae] — the unCLIP UNet conditioned on the CLIP image embedding.
+6. ``llm`` [tokenizer] — the tiny LLaMA with image tokens (train_scripts/train_llm.py).
+7. ``eval`` [data, clip, tokenizer, decoder, llm] — assembles the chat-model directory
+   ``OUT/model`` (LLM + SEED tokenizer + image decoder: everything ``seed chat`` needs) and scores
+   it: captions, text-to-image (test and compositional), tokenizer and round trip.
+
+Stages whose inputs are ready run side by side, each in its own process with one thread
+(``--workers``, default 2 = the cores of the reference machine): ``clip`` ‖ ``vae``, then
+``tokenizer`` ‖ ``decoder``, then ``llm``. The report (``OUT/report.html``) and ``OUT/metrics.json``
+are written at the end of every run.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,17 +43,25 @@ from seedtok.schema import ConfigBase, option
 
 @dataclass
 class DemoConfig(ConfigBase):
-    out: str = option("runs/demo", help="output directory (stages, report.html, metrics.json)")
+    out: str = option("runs/demo", help="output directory (stages, model/, report.html, metrics.json)")
     preset: Literal["quick", "full"] = option("quick", help="quick: ≤ 15 min on 2 cores; full: longer schedules")
     seed: int = option(0, help="seed of every stage")
     image_size: int = option(64, help="Shapes canvas side in pixels")
-    n_test: int = option(300, help="held-out test scenes written and scored")
+    n_test: int = option(300, help="held-out test scenes written and scored (captions, text-to-image)")
     n_compositional: int = option(100, help="compositional-split scenes (held-out colour/shape pairs)")
     n_test_tokenizer: int = option(1000, help="test scenes the tokenizer is scored on")
+    n_round_trip: int = option(300, help="test scenes reconstructed image → codes → image and scored")
     held_out: list[tuple[str, str]] = option(
         default_factory=lambda: [("red", "triangle"), ("blue", "circle")],
         help="(colour, shape) pairs removed from train and kept for the compositional split",
     )
+    schedule: dict[str, dict[str, Any]] = option(
+        default_factory=dict,
+        help="per-stage overrides of the preset's schedule, e.g. {clip: {steps: 300}, llm: {steps: 500}} "
+             "(stages: clip, stage1, stage2, vae, decoder, llm; keys: that stage's recipe config fields)",
+    )
+    workers: int = option(2, help="stages run side by side, each in its own one-thread process (1 = one after "
+                                  "another in this process)")
     force: bool = option(False, help="re-run every stage even if it finished before")
     progress: bool = option(True, help="show progress bars")
 
@@ -61,10 +75,39 @@ class Stage:
     run: Callable[[DemoConfig, Path], dict[str, Any]]
     #: the config fields the stage depends on (its marker is invalidated when they change)
     depends: tuple[str, ...]
-    #: earlier stages whose outputs it reads (it re-runs whenever they re-run)
+    #: earlier stages whose outputs it reads (it waits for them, and re-runs whenever they re-run)
     needs: tuple[str, ...] = ()
 
 
+#: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "quick": {
+        "clip": {"steps": 600, "cf_steps": 150, "n_train": 20000},
+        "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
+        "stage2": {"steps": 500, "n_train": 20000},
+        "vae": {"vae_steps": 600, "n_train": 20000},
+        "decoder": {"steps": 3000, "n_train": 20000},
+        "llm": {"steps": 1000, "n_train": 20000},
+    },
+    "full": {
+        "clip": {"steps": 1500, "n_train": 30000},
+        "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
+        "stage2": {"steps": 1000, "n_train": 30000},
+        "vae": {"vae_steps": 1500, "n_train": 20000},
+        "decoder": {"steps": 10000, "n_train": 40000},
+        "llm": {"steps": 3000, "n_train": 30000},
+    },
+}
+
+
+def _schedule(cfg: DemoConfig, name: str) -> dict[str, Any]:
+    """The preset's settings for one recipe, with ``cfg.schedule``'s overrides on top."""
+    return {**PRESETS[cfg.preset].get(name, {}), **cfg.schedule.get(name, {})}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
 def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from data_pipelines.writers import write_shapes
     from eval.shapes_scorer import score_folder
@@ -81,41 +124,35 @@ def _stage_data(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     return metrics
 
 
-#: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {
-        "clip": {"steps": 600, "cf_steps": 150, "n_train": 20000},
-        "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
-        "stage2": {"steps": 500, "n_train": 20000},
-        "decoder": {"vae_steps": 600, "steps": 3000, "n_train": 20000},
-    },
-    "full": {
-        "clip": {"steps": 1500, "cf_steps": 300, "n_train": 30000},
-        "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
-        "stage2": {"steps": 1000, "n_train": 30000},
-        "decoder": {"vae_steps": 1500, "steps": 10000, "n_train": 40000},
-    },
-}
-
-
 def _stage_clip(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from train_scripts.train_clip import ClipTrainConfig, train_clip
 
-    clip_cfg = ClipTrainConfig(out=str(out), shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress,
-                               **PRESETS[cfg.preset]["clip"])
+    clip_cfg = ClipTrainConfig.from_dict(dict(out=str(out), shapes=cfg.shapes().to_dict(), seed=cfg.seed,
+                                              progress=cfg.progress, **_schedule(cfg, "clip")))
     return train_clip(clip_cfg)
+
+
+def _stage_vae(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from train_scripts.train_decoder import DecoderTrainConfig, train_decoder
+
+    vae_cfg = DecoderTrainConfig.from_dict(dict(out=str(out), vae_only=True, shapes=cfg.shapes().to_dict(),
+                                                seed=cfg.seed, progress=cfg.progress,
+                                                n_eval=min(cfg.n_round_trip, 500), **_schedule(cfg, "vae")))
+    return train_decoder(vae_cfg)
 
 
 def _stage_tokenizer(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from eval.tokenizer_metrics import evaluate_tokenizer
     from train_scripts.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
-    common = dict(shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress, cache_dir=str(Path(cfg.out) / "cache"))
+    common = dict(shapes=cfg.shapes().to_dict(), seed=cfg.seed, progress=cfg.progress,
+                  cache_dir=str(Path(cfg.out) / "cache"))
     clip_dir = Path(cfg.out) / "clip" / "model"
-    s1 = train_tokenizer(TokenizerTrainConfig(stage=1, out=str(out / "stage1"), vision_path=str(clip_dir),
-                                              **common, **PRESETS[cfg.preset]["stage1"]))
-    train_tokenizer(TokenizerTrainConfig(stage=2, out=str(out / "stage2"), init_from=str(out / "stage1" / "model"),
-                                         **common, **PRESETS[cfg.preset]["stage2"]))
+    s1 = train_tokenizer(TokenizerTrainConfig.from_dict(dict(stage=1, out=str(out / "stage1"), vision_path=str(clip_dir),
+                                                             **common, **_schedule(cfg, "stage1"))))
+    train_tokenizer(TokenizerTrainConfig.from_dict(dict(stage=2, out=str(out / "stage2"),
+                                                        init_from=str(out / "stage1" / "model"),
+                                                        **common, **_schedule(cfg, "stage2"))))
     test = evaluate_tokenizer(str(out / "stage2" / "model"), split="test", n=cfg.n_test_tokenizer,
                               shapes=cfg.shapes(), cache_dir=common["cache_dir"], progress=cfg.progress)
     return {"stage1_val": s1, "test": test, "model": str(out / "stage2" / "model")}
@@ -124,60 +161,222 @@ def _stage_tokenizer(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 def _stage_decoder(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from train_scripts.train_decoder import DecoderTrainConfig, train_decoder
 
-    dec_cfg = DecoderTrainConfig(out=str(out), clip=str(Path(cfg.out) / "clip" / "model"),
-                                 tokenizer=str(Path(cfg.out) / "tokenizer" / "stage2" / "model"),
-                                 shapes=cfg.shapes(), seed=cfg.seed, progress=cfg.progress,
-                                 n_eval=min(cfg.n_test_tokenizer, 500), **PRESETS[cfg.preset]["decoder"])
+    root = Path(cfg.out)
+    dec_cfg = DecoderTrainConfig.from_dict(dict(
+        out=str(out), clip=str(root / "clip" / "model"), vae=str(root / "vae" / "vae"), vae_steps=0,
+        shapes=cfg.shapes().to_dict(), seed=cfg.seed, progress=cfg.progress, n_eval=min(cfg.n_round_trip, 500),
+        **_schedule(cfg, "decoder")))
     return train_decoder(dec_cfg)
+
+
+def _stage_llm(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from train_scripts.train_llm import LLMTrainConfig, train_llm
+
+    root = Path(cfg.out)
+    llm_cfg = LLMTrainConfig.from_dict(dict(
+        out=str(out), seed_tokenizer=str(root / "tokenizer" / "stage2" / "model"), shapes=cfg.shapes().to_dict(),
+        seed=cfg.seed, progress=cfg.progress, cache_dir=str(root / "cache"), **_schedule(cfg, "llm")))
+    return train_llm(llm_cfg)
+
+
+def assemble_chat_model(llm_model: Path, decoder: Path, out: Path) -> Path:
+    """``OUT/model``: the trained chat-model directory with the image decoder put into its SEED
+    tokenizer (``seed_tokenizer/image_decoder/``) — a copy, swapped in by renames."""
+    from seedtok.tokenizer import IMAGE_DECODER_DIR
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(llm_model, tmp)
+    target = tmp / "seed_tokenizer" / IMAGE_DECODER_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(decoder, target)
+    old = out.with_name(f".{out.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _stage_eval(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    from eval.caption_eval import run_caption_eval
+    from eval.t2i_eval import run_t2i_eval
+    from eval.tokenizer_eval import run_tokenizer_eval
+
+    root = Path(cfg.out)
+    model = assemble_chat_model(root / "llm" / "model", root / "decoder" / "decoder", root / "model")
+    clip = root / "clip" / "model"
+    common = dict(shapes=cfg.shapes(), progress=cfg.progress)
+    return {
+        "model": str(model),
+        "caption": run_caption_eval(model, out / "caption", data_dir=root / "data" / "test", n=cfg.n_test, **common),
+        "t2i": run_t2i_eval(model, out / "t2i", data_dir=root / "data" / "test", n=cfg.n_test, clip_dir=clip,
+                            seed=cfg.seed, **common),
+        "t2i_compositional": run_t2i_eval(model, out / "t2i_compositional", data_dir=root / "data" / "compositional",
+                                          n=cfg.n_compositional, clip_dir=clip, seed=cfg.seed, **common),
+        "tokenizer": run_tokenizer_eval(model, out / "tokenizer", clip_dir=clip, data_dir=root / "data" / "test",
+                                        n=cfg.n_test, n_round_trip=min(cfg.n_round_trip, cfg.n_test),
+                                        seed=cfg.seed, **common),
+    }
 
 
 STAGES: list[Stage] = [
     Stage("data", _stage_data, ("seed", "image_size", "n_test", "n_compositional", "held_out")),
     Stage("clip", _stage_clip, ("seed", "image_size", "held_out", "preset")),
+    Stage("vae", _stage_vae, ("seed", "image_size", "held_out", "preset", "n_round_trip")),
     Stage("tokenizer", _stage_tokenizer, ("seed", "image_size", "held_out", "preset", "n_test_tokenizer"),
           needs=("clip",)),
-    Stage("decoder", _stage_decoder, ("seed", "image_size", "held_out", "preset", "n_test_tokenizer"),
-          needs=("clip", "tokenizer")),
+    Stage("decoder", _stage_decoder, ("seed", "image_size", "held_out", "preset", "n_round_trip"),
+          needs=("clip", "vae")),
+    Stage("llm", _stage_llm, ("seed", "image_size", "held_out", "preset"), needs=("tokenizer",)),
+    Stage("eval", _stage_eval, ("seed", "image_size", "held_out", "n_test", "n_compositional", "n_round_trip"),
+          needs=("data", "clip", "tokenizer", "decoder", "llm")),
 ]
 
 
+# ---------------------------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------------------------
 def _stage_hash(cfg: DemoConfig, stage: Stage, upstream: str) -> str:
-    """Hash of what a stage depends on: its config fields, its preset schedule and every stage before it."""
-    blob = json.dumps({"cfg": {k: cfg.to_dict()[k] for k in stage.depends}, "up": upstream,
-                       "schedule": PRESETS[cfg.preset].get(stage.name)}, sort_keys=True)
+    """Hash of what a stage depends on: its config fields, its preset schedule and the stages it reads."""
+    recipes = ("stage1", "stage2") if stage.name == "tokenizer" else (stage.name,)
+    sched = {k: _schedule(cfg, k) for k in recipes}
+    blob = json.dumps({"cfg": {k: cfg.to_dict()[k] for k in stage.depends}, "up": upstream, "schedule": sched},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _run_stage(name: str, cfg_dict: dict[str, Any], sdir: str, threads: int) -> dict[str, Any]:
+    """One stage, in a worker process (or in-process with ``threads=0``); returns its metrics."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = DemoConfig.from_dict(cfg_dict)
+    stage = next(s for s in STAGES if s.name == name)
+    Path(sdir).mkdir(parents=True, exist_ok=True)
+    return stage.run(cfg, Path(sdir))
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or reuse) every stage; write ``metrics.json``; return the metrics."""
+    """Run (or reuse) every stage, side by side where their inputs allow; write ``metrics.json``
+    and ``report.html``; return the metrics."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "demo_config.yaml")
-    metrics: dict[str, Any] = {"preset": cfg.preset, "stages": {}}
     t_total = time.perf_counter()
+    n = len(STAGES)
+    number = {s.name: i for i, s in enumerate(STAGES, 1)}
+
+    # Which stages are done already (marker hash = current config and upstream hashes)?
     hashes: dict[str, str] = {}
-    for i, stage in enumerate(STAGES, 1):
-        sdir = out / stage.name
-        marker = sdir / "DONE.json"
-        want = hashes[stage.name] = _stage_hash(cfg, stage, ",".join(hashes[n] for n in stage.needs))
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Stage] = []
+    for stage in STAGES:
+        want = hashes[stage.name] = _stage_hash(cfg, stage, ",".join(hashes[d] for d in stage.needs))
+        marker = out / stage.name / "DONE.json"
         if not cfg.force and marker.is_file():
             done = json.loads(marker.read_text())
             if done.get("hash") == want:
-                log(f"[{i}/{len(STAGES)}] {stage.name}: done before ({done['seconds']:.1f} s), reusing")
-                metrics["stages"][stage.name] = done
+                log(f"[{number[stage.name]}/{n}] {stage.name}: done before ({done['seconds']:.1f} s), reusing")
+                results[stage.name] = done
                 continue
-        log(f"[{i}/{len(STAGES)}] {stage.name}: running")
-        sdir.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        result = stage.run(cfg, sdir)
-        done = {"hash": want, "seconds": round(time.perf_counter() - t0, 2), "metrics": result}
-        tmp = marker.with_name(f".DONE.json.{os.getpid()}")
-        tmp.write_text(json.dumps(done, indent=1))
-        os.replace(tmp, marker)
-        metrics["stages"][stage.name] = done
-        log(f"[{i}/{len(STAGES)}] {stage.name}: finished in {done['seconds']:.1f} s")
-    metrics["wall_seconds_this_run"] = round(time.perf_counter() - t_total, 2)
-    tmp = out / f".metrics.json.{os.getpid()}"
-    tmp.write_text(json.dumps(metrics, indent=1))
-    os.replace(tmp, out / "metrics.json")
+        todo.append(stage)
+
+    def finish(stage: Stage, metrics: dict[str, Any], seconds: float) -> None:
+        done = {"hash": hashes[stage.name], "seconds": round(seconds, 2), "metrics": metrics}
+        _write_json_atomic(out / stage.name / "DONE.json", done)
+        results[stage.name] = done
+        log(f"[{number[stage.name]}/{n}] {stage.name}: finished in {seconds:.1f} s")
+
+    if cfg.workers <= 1:
+        for stage in todo:
+            log(f"[{number[stage.name]}/{n}] {stage.name}: running")
+            t0 = time.perf_counter()
+            finish(stage, _run_stage(stage.name, cfg.to_dict(), str(out / stage.name), threads=0),
+                   time.perf_counter() - t0)
+    else:
+        _run_parallel(cfg, todo, results, finish, log, number, n)
+
+    metrics = {"preset": cfg.preset, "stages": results,
+               "wall_seconds_this_run": round(time.perf_counter() - t_total, 2)}
+    metrics["summary"] = summarize(metrics)
+    _write_json_atomic(out / "metrics.json", metrics)
+    if "eval" in results:
+        from train_scripts.demo_report import write_demo_report
+
+        write_demo_report(cfg, metrics)
     return metrics
+
+
+def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n) -> None:
+    """Start every stage whose ``needs`` are finished, up to ``cfg.workers`` at a time, each in a
+    fresh (spawned) one-thread process; a failing stage stops the run with its error."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pending = list(todo)
+    running: dict[Any, tuple[Stage, float]] = {}
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        while pending or running:
+            for stage in [s for s in pending if all(d in results for d in s.needs)]:
+                if len(running) >= cfg.workers:
+                    break
+                pending.remove(stage)
+                log(f"[{number[stage.name]}/{n}] {stage.name}: running")
+                fut = pool.submit(_run_stage, stage.name, cfg.to_dict(), str(Path(cfg.out) / stage.name), 1)
+                running[fut] = (stage, time.perf_counter())
+            if not running:
+                missing = sorted({d for s in pending for d in s.needs if d not in results})
+                raise RuntimeError(f"stages {[s.name for s in pending]} wait for {missing}, which never ran")
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                stage, t0 = running.pop(fut)
+                try:
+                    metrics = fut.result()
+                except BaseException:
+                    for other in running:
+                        other.cancel()
+                    log(f"[{number[stage.name]}/{n}] {stage.name}: failed")
+                    raise
+                finish(stage, metrics, time.perf_counter() - t0)
+
+
+def _strict(d: Any) -> float | None:
+    try:
+        return float(d["accuracy"]["strict"])
+    except (KeyError, TypeError):
+        return None
+
+
+def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The headline numbers (held-out test split) from the stages' metrics."""
+    st = {k: v.get("metrics", {}) for k, v in metrics["stages"].items()}
+    ev = st.get("eval", {})
+    tok = st.get("tokenizer", {}).get("test", {})
+    dec = st.get("decoder", {})
+    out = {
+        "clip_val_t2i_R@1": st.get("clip", {}).get("val_t2i_R@1"),
+        "clip_val_cf_pair": st.get("clip", {}).get("val_cf_pair"),
+        "tokenizer_code_usage": tok.get("code_usage"),
+        "tokenizer_t2i_R@1_from_codes": tok.get("t2i_R@1"),
+        "vae_recon_strict": st.get("vae", {}).get("vae_recon_strict"),
+        "decoder_true_embed_strict": dec.get("true_embed_strict"),
+        "caption_strict": _strict(ev.get("caption", {}).get("attributes")),
+        "t2i_strict": _strict(ev.get("t2i")),
+        "t2i_compositional_strict": _strict(ev.get("t2i_compositional")),
+        "round_trip_strict": _strict(ev.get("tokenizer", {}).get("round_trip")),
+        "stage_seconds": {k: v.get("seconds") for k, v in metrics["stages"].items()},
+    }
+    return {k: v for k, v in out.items() if v is not None}

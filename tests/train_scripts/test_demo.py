@@ -1,59 +1,76 @@
-"""``seed demo``: stages run, write their markers and metrics, and are reused on re-runs."""
+"""``seed demo``: every stage runs (side by side where it can), writes its marker and metrics, the
+chat model and the report; finished stages are reused on re-runs."""
 
 from __future__ import annotations
 
 import json
-
-import pytest
+import sys
+from pathlib import Path
 
 from train_scripts import demo
 from train_scripts.cli import main
 from train_scripts.demo import DemoConfig, run_demo
 
-# Real architectures, schedules cut to a few steps: the stages' plumbing, not their quality.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm_adapters"))
+import llm_tiny  # noqa: E402 — the llm_adapters tests' tiny builders
+
+# Real architectures, schedules cut to a few steps: the stages' plumbing, not their quality. Passed
+# as the config's schedule overrides (not a patched PRESETS): spawned stage workers must see them.
 TINY = {
     "clip": {"steps": 3, "cf_steps": 2, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage1": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
     "stage2": {"steps": 3, "n_train": 128, "n_val": 32, "batch_size": 32},
-    "decoder": {"vae_steps": 2, "vae_batch_size": 4, "vae_block_out_channels": [16, 16], "vae_latent_channels": 4,
-                "unet_block_out_channels": [16, 32], "unet_attention_levels": [False, True], "steps": 2,
+    "vae": {"vae_steps": 2, "vae_batch_size": 4, "vae_block_out_channels": [16, 16], "vae_latent_channels": 4,
+            "n_train": 64},
+    "decoder": {"unet_block_out_channels": [16, 32], "unet_attention_levels": [False, True], "steps": 2,
                 "batch_size": 4, "n_train": 64, "num_inference_steps": 2, "sample_every": 0},
+    "llm": {"steps": 3, "n_train": 64, "n_val": 0, "preset": llm_tiny.tiny_preset().to_dict(),
+            "text_vocab_size": 300, "seq_len": 128, "micro_batch": 2, "pack_window": 32, "tensorboard": False},
 }
 
 
-@pytest.fixture(autouse=True)
-def tiny_presets(monkeypatch):
-    monkeypatch.setitem(demo.PRESETS, "quick", TINY)
+def _cfg(tmp_path: Path, **kw) -> DemoConfig:
+    base = dict(out=str(tmp_path / "demo"), n_test=12, n_compositional=6, n_test_tokenizer=32, n_round_trip=4,
+                schedule=TINY, progress=False)
+    base.update(kw)
+    return DemoConfig.from_dict(base)
 
 
-def test_demo_stages_run_and_are_reused(tmp_path):
-    cfg = DemoConfig(out=str(tmp_path / "demo"), n_test=40, n_compositional=20, n_test_tokenizer=32, progress=False)
+def test_demo_runs_every_stage_side_by_side_then_reuses_them(tmp_path):
+    cfg = _cfg(tmp_path, workers=2)
     logs: list[str] = []
     metrics = run_demo(cfg, log=logs.append)
-    data = metrics["stages"]["data"]["metrics"]
-    assert data["test"] == {"n": 40, "scorer_strict_on_ground_truth": 1.0}
-    assert len(list((tmp_path / "demo/data/test").glob("*.png"))) == 40
-    assert json.loads((tmp_path / "demo/metrics.json").read_text())["stages"]["data"]["metrics"] == data
+    out = tmp_path / "demo"
+    # clip and vae need nothing: both started before either finished (side by side).
+    order = [line for line in logs if line.endswith(": running") or "finished" in line]
+    assert order.index("[3/7] vae: running") < order.index(next(x for x in order if x.startswith("[2/7] clip: fin")))
+    assert set(metrics["stages"]) == {s.name for s in demo.STAGES}
 
+    data = metrics["stages"]["data"]["metrics"]
+    assert data["test"] == {"n": 12, "scorer_strict_on_ground_truth": 1.0}
     tok = metrics["stages"]["tokenizer"]["metrics"]["test"]
     assert 0 < tok["code_usage"] <= 1 and 0 <= tok["t2i_R@1"] <= 1
-    assert (tmp_path / "demo/tokenizer/stage2/model/model.safetensors").is_file()
-
-    dec = metrics["stages"]["decoder"]["metrics"]
-    assert 0 <= dec["true_embed_strict"] <= 1 and 0 <= dec["round_trip_strict"] <= 1
-    assert (tmp_path / "demo/tokenizer/stage2/model/image_decoder/model_index.json").is_file()
+    assert 0 <= metrics["stages"]["decoder"]["metrics"]["true_embed_strict"] <= 1
+    summary = metrics["summary"]
+    for key in ("caption_strict", "t2i_strict", "t2i_compositional_strict", "round_trip_strict"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    # The chat model: LLM + SEED tokenizer + image decoder, loadable by seed chat / generate / caption.
+    assert (out / "model" / "seed_tokenizer" / "image_decoder" / "model_index.json").is_file()
+    assert main(["caption", "--model", str(out / "model"), str(out / "data" / "test" / "00000000.png")]) == 0
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Loss curves" in html and "floor 0.90" in html
+    assert json.loads((out / "metrics.json").read_text())["summary"] == summary
 
     logs.clear()
-    run_demo(cfg, log=logs.append)
+    run_demo(cfg.replace(workers=1), log=logs.append)
     assert sum("reusing" in line for line in logs) == len(demo.STAGES)
 
-    # A changed setting a stage depends on invalidates its marker — and every stage after it.
+    # A changed setting a stage depends on invalidates its marker — and every stage that reads it.
     logs.clear()
-    run_demo(cfg.replace(n_test=30, n_test_tokenizer=16), log=logs.append)
-    assert not any("data: done before" in line for line in logs)
-    assert any("clip: done before" in line for line in logs)
-    assert not any("tokenizer: done before" in line for line in logs)
-    assert len(list((tmp_path / "demo/data/test").glob("*.png"))) == 30
+    changed = {**TINY, "stage2": {**TINY["stage2"], "steps": 4}}
+    run_demo(cfg.replace(workers=1, schedule=changed), log=logs.append)
+    reused = {line.split()[1].rstrip(":") for line in logs if "reusing" in line}
+    assert reused == {"data", "clip", "vae", "decoder"}
 
 
 def test_demo_cli_rejects_bad_config(tmp_path, capsys):
