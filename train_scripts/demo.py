@@ -82,12 +82,12 @@ class Stage:
 #: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        "clip": {"steps": 600, "cf_steps": 150, "n_train": 20000},
-        "stage1": {"steps": 300, "n_train": 20000, "lr": 1e-3},
-        "stage2": {"steps": 500, "n_train": 20000},
-        "vae": {"vae_steps": 600, "n_train": 20000},
-        "decoder": {"steps": 3000, "n_train": 20000},
-        "llm": {"steps": 1000, "n_train": 20000},
+        "clip": {"steps": 400, "cf_steps": 100, "n_train": 20000},
+        "stage1": {"steps": 200, "n_train": 20000, "lr": 1e-3},
+        "stage2": {"steps": 300, "n_train": 20000},
+        "vae": {"vae_steps": 500, "n_train": 20000},
+        "decoder": {"steps": 2000, "n_train": 20000},
+        "llm": {"steps": 400, "n_train": 20000, "seq_len": 256, "micro_batch": 16},
     },
     "full": {
         "clip": {"steps": 1500, "n_train": 30000},
@@ -95,7 +95,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "stage2": {"steps": 1000, "n_train": 30000},
         "vae": {"vae_steps": 1500, "n_train": 20000},
         "decoder": {"steps": 10000, "n_train": 40000},
-        "llm": {"steps": 3000, "n_train": 30000},
+        "llm": {"steps": 3000, "n_train": 30000, "seq_len": 256, "micro_batch": 16},
     },
 }
 
