@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from seedtok.errors import CheckpointError, ConfigError
-from train_scripts.runtime import DistInfo, _rng_state, _set_rng_state, barrier
+from train_scripts.runtime import DistInfo, _rng_state, _set_rng_state, barrier, latest_step_dir
 
 SHIPPED_CONFIGS = ("zero2", "zero3", "zero3_offload")
 
@@ -197,14 +197,7 @@ class DeepSpeedCheckpointer:
         self.keep = keep
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            name = pointer.read_text(errors="replace").strip()
-            cand = self.root / name
-            if name.startswith("step_") and "/" not in name and (cand / "meta.json").is_file():
-                return cand
-        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
-        return done[-1] if done else None
+        return latest_step_dir(self.root)
 
     def save(self, engine: Any, info: DistInfo, step: int, *, trainable_state: dict[str, torch.Tensor] | None,
              data_state: dict[str, Any], config: dict[str, Any]) -> Path:

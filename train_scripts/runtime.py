@@ -175,6 +175,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def latest_step_dir(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` points to, else the newest complete ``root/step_*`` (one with a
+    ``meta.json``: e.g. when the pointer write was interrupted); None if there is none."""
+    pointer = root / "latest"
+    if pointer.is_file():
+        name = pointer.read_text(errors="replace").strip()
+        cand = root / name
+        if name.startswith("step_") and "/" not in name and (cand / "meta.json").is_file():
+            return cand
+    done = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    return done[-1] if done else None
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float = 0.0):
+    """LambdaLR factor: linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``.
+
+    Plain ``math`` floats: a numpy scalar in the scheduler state would not load with weights_only=True.
+    """
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
 def _free_space(path: Path) -> str:
     try:
         free = shutil.disk_usage(path).free
@@ -229,15 +256,7 @@ class CheckpointManager:
         self.keep = keep
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if pointer.is_file():
-            name = pointer.read_text(errors="replace").strip()
-            cand = self.root / name
-            if name.startswith("step_") and "/" not in name and (cand / "meta.json").is_file():
-                return cand
-        # Fall back to the newest complete directory (e.g. if the pointer write was interrupted).
-        done = sorted(p for p in self.root.glob("step_*") if (p / "meta.json").is_file())
-        return done[-1] if done else None
+        return latest_step_dir(self.root)
 
     def save(
         self,

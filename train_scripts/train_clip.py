@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +55,7 @@ from train_scripts.runtime import (
     quiet_libraries,
     resolve_precision,
     seed_everything,
+    warmup_cosine,
 )
 
 
@@ -635,20 +635,10 @@ def save_clip_dir(model, tok, path: Path, cfg: ClipTrainConfig) -> Path:
 
 def _two_phase(warmup: int, steps: int, phase2_ratio: float):
     """Warmup + cosine over the main ``steps``, then a constant ``phase2_ratio`` × the peak rate."""
-    main = _warmup_cosine(warmup, steps)
+    main = warmup_cosine(warmup, steps)
 
     def f(step: int) -> float:
         return main(step) if step < steps else phase2_ratio
-
-    return f
-
-
-def _warmup_cosine(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        p = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
 
     return f
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +59,7 @@ from train_scripts.runtime import (
     quiet_libraries,
     resolve_precision,
     seed_everything,
+    warmup_cosine,
 )
 
 
@@ -169,16 +169,6 @@ def _fingerprint(model_dir: Path) -> str:
     return hashlib.sha256(repr((str(model_dir.resolve()), stats)).encode()).hexdigest()[:12]
 
 
-def _warmup_cosine(warmup: int, total: int):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        # math, not numpy: a numpy scalar in the scheduler state would not load with weights_only=True
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-    return f
-
-
 # ---------------------------------------------------------------------------------------------
 # Stage: VAE
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +198,7 @@ def train_vae(cfg: DecoderTrainConfig, train: ShapesArrays, info, precision: str
     seed_everything(cfg.seed + info.rank)
     vae = build_vae(block_out_channels=cfg.vae_block_out_channels, latent_channels=cfg.vae_latent_channels).to(info.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.vae_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.vae_steps))
     ckpt = CheckpointManager(out / "vae_checkpoints")
     logger = MetricsLogger(out / "vae_log.jsonl", enabled=info.is_main)
     start = 0
@@ -356,7 +346,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
     normalizer.to(info.device)
     model = torch.nn.parallel.DistributedDataParallel(unet) if info.distributed else unet
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay) if cfg.ema_decay > 0 else None
     ckpt = CheckpointManager(out / "checkpoints")
     logger = MetricsLogger(out / "log.jsonl", enabled=info.is_main)

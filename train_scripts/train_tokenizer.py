@@ -259,9 +259,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         model = torch.nn.parallel.DistributedDataParallel(trainable, broadcast_buffers=False)
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    from train_scripts.train_clip import _warmup_cosine
+    from train_scripts.runtime import warmup_cosine
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup, cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
     ckpt = CheckpointManager(out / "checkpoints")
     logger = MetricsLogger(out / "log.jsonl", enabled=info.is_main)
     start = 0
