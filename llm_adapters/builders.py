@@ -99,7 +99,8 @@ def build_chat_model(tokenizer: Any, seed_tokenizer: Any = None, *, codebook_siz
             or ``None`` with ``codebook_size`` and ``num_tokens``.
         model: an existing ``LlamaForCausalLM`` (resized, new rows initialised by ``init``); ``None`` builds a
             random one from ``preset`` with exactly ``vocab.vocab_size`` rows.
-        init: ``"mean"`` or ``"codebook"`` (needs ``seed_tokenizer``) — see ``init_image_embeddings``.
+        init: ``"mean"`` or ``"codebook"`` (needs ``seed_tokenizer``) — see ``init_image_embeddings``. A fresh
+            model (``model=None``) with ``"mean"`` keeps all its rows random.
         seed_tokenizer_dir: where ``seed_tokenizer`` was loaded from (saving copies it verbatim).
 
     Returns ``(model, processor)``.
@@ -107,12 +108,14 @@ def build_chat_model(tokenizer: Any, seed_tokenizer: Any = None, *, codebook_siz
     processor = build_processor(tokenizer, seed_tokenizer, codebook_size=codebook_size, num_tokens=num_tokens,
                                 seed_tokenizer_dir=seed_tokenizer_dir)
     vocab = processor.vocab
-    if model is None:
-        model = build_llama(vocab.vocab_size, preset, tokenizer=tokenizer, seed=seed)
+    if init == "codebook" and seed_tokenizer is None:
+        raise ConfigError("init='codebook' needs the SEED tokenizer (its codebook vectors)")
+    codebook = codebook_vectors(seed_tokenizer) if init == "codebook" else None
+    if model is None and init == "mean":
+        model = build_llama(vocab.vocab_size, preset, tokenizer=tokenizer, seed=seed)  # every row random
     else:
-        if init == "codebook" and seed_tokenizer is None:
-            raise ConfigError("init='codebook' needs the SEED tokenizer (its codebook vectors)")
-        codebook = codebook_vectors(seed_tokenizer) if init == "codebook" else None
+        if model is None:  # a fresh model whose image rows start from the codebook's geometry
+            model = build_llama(vocab.offset, preset, tokenizer=tokenizer, seed=seed)
         init_image_embeddings(model, vocab, method=init, codebook=codebook, seed=seed)
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(model.generation_config, k, getattr(tokenizer, k))

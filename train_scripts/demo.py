@@ -91,8 +91,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "clip": {"steps": 1500, "n_train": 30000},
-        "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3},
-        "stage2": {"steps": 1000, "n_train": 30000},
+        "stage1": {"steps": 400, "n_train": 30000, "lr": 1e-3, "hard_negatives": 4},
+        "stage2": {"steps": 1000, "n_train": 30000, "hard_negatives": 4},
         "vae": {"vae_steps": 1500, "n_train": 20000},
         "decoder": {"steps": 10000, "n_train": 40000},
         "llm": {"steps": 3000, "n_train": 30000, "seq_len": 256, "micro_batch": 16},

@@ -76,7 +76,9 @@ class LLMTrainConfig(ConfigBase):
                                  "(sentencepiece on the corpus + a tiny LLaMA from scratch)")
     preset: LlamaPreset = option(default_factory=LlamaPreset, help="embedded default: LLaMA sizes")
     text_vocab_size: int = option(1000, help="embedded default: sentencepiece vocabulary (upper bound)")
-    embed_init: str = option("mean", help="--model: how the image rows start ('mean' or 'codebook')")
+    embed_init: str = option("mean", help="how the image rows start: 'mean' (--model: the mean text row; a fresh "
+                                          "model: random like every row) or 'codebook' (the SEED codebook's "
+                                          "geometry, projected)")
     data: list[str] = option(default_factory=list, help="record sources (any format seed data inspect reads: "
                                                         "pairs, interleaved documents, conversations); "
                                                         "empty = the Shapes world")
@@ -232,8 +234,8 @@ def build_model(cfg: LLMTrainConfig, seed_tok: Any, corpus: list[str], info: Dis
         barrier(info)
         with tempfile.TemporaryDirectory() as tmp:  # each process wraps its own copy (no shared writes)
             tokenizer = llama_tokenizer_from_sentencepiece(sp_path.read_bytes(), tmp)
-        model, processor = build_chat_model(tokenizer, seed_tok, preset=cfg.preset, seed=cfg.seed,
-                                            seed_tokenizer_dir=cfg.seed_tokenizer)
+        model, processor = build_chat_model(tokenizer, seed_tok, preset=cfg.preset, init=cfg.embed_init,
+                                            seed=cfg.seed, seed_tokenizer_dir=cfg.seed_tokenizer)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's max_position_embeddings "
                           f"{model.config.max_position_embeddings}")

@@ -200,3 +200,32 @@ def test_package_exports_resolve_lazily():
     # `import llm_adapters` alone (as `seed --help` does) does not pull in transformers
     code = "import sys, llm_adapters, llm_adapters.cli; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_fresh_model_codebook_init_follows_the_codebook(seed_tok_dir, sp_tokenizer_dir, tmp_path):
+    """A model built from nothing with init='codebook': its code rows follow the codebook's geometry;
+    with 'mean' every row stays random (as before)."""
+    from llm_tiny import tiny_preset
+
+    from llm_adapters.builders import build_chat_model
+    from llm_adapters.sp_tokenizer import llama_tokenizer_from_sentencepiece
+    from seedtok.tokenizer import SeedTokenizer
+
+    def sp_tokenizer(name):
+        return llama_tokenizer_from_sentencepiece(sp_tokenizer_dir / "tokenizer.model", tmp_path / name)
+
+    tok = SeedTokenizer.from_pretrained(seed_tok_dir, load_vision=False, load_image_decoder=False)
+    model, proc = build_chat_model(sp_tokenizer("a"), tok, preset=tiny_preset(), init="codebook")
+    v = proc.vocab
+    w = model.get_input_embeddings().weight.detach()
+    assert w.shape[0] == v.vocab_size and model.get_output_embeddings().weight.shape[0] == v.vocab_size
+    dev = w[v.offset:v.offset + v.codebook_size] - w[:v.offset].mean(0)
+    cb = codebook_vectors(tok)
+    corr = torch.corrcoef(torch.stack([torch.pdist(dev), torch.pdist(cb - cb.mean(0))]))[0, 1]
+    assert corr > 0.8
+    torch.testing.assert_close(w[v.boi_id], w[:v.offset].mean(0))
+    rand, _ = build_chat_model(sp_tokenizer("b"), tok, preset=tiny_preset(), init="mean")
+    r = rand.get_input_embeddings().weight.detach()[v.offset:v.offset + v.codebook_size]
+    assert torch.pdist(r).min() > 0  # random, distinct rows
+    with pytest.raises(ConfigError, match="codebook"):
+        build_chat_model(sp_tokenizer("c"), None, codebook_size=16, num_tokens=4, preset=tiny_preset(), init="codebook")

@@ -52,7 +52,7 @@ def _tok_cfg() -> SeedTokenizerConfig:
 
 def _stage_cfg(out: Path, stage: int, **kw) -> TokenizerTrainConfig:
     base = dict(stage=stage, out=str(out), tokenizer=_tok_cfg(), shapes=SHAPES, n_train=256, n_val=64,
-                steps=30, batch_size=64, lr=3e-3, warmup=3, log_every=5, ckpt_every=1000,
+                steps=30, batch_size=64, lr=3e-3, warmup=3, log_every=5, ckpt_every=1000, hard_negatives=4,
                 precision="fp32", progress=False, cache_dir=str(out.parent / "cache"))
     base.update(kw)
     return TokenizerTrainConfig(**base)
@@ -158,3 +158,45 @@ def test_stage2_options_nested_dropout_entropy_corruption(trained, tmp_path):
     assert metrics["code_usage"] > 0
     with pytest.raises(Exception, match="corrupt_prob"):
         _stage_cfg(tmp_path / "bad", 2, corrupt_prob=1.5)
+
+
+def test_hard_negative_nce_matches_reference_and_skips_invalid():
+    from train_scripts.train_tokenizer import hard_negative_nce
+
+    g = torch.Generator().manual_seed(0)
+    x, pos, negs = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, 3, 8, generator=g)
+    valid = torch.tensor([[True, True, True], [True, False, True], [False, False, False],
+                          [True, True, False], [False, True, True]])
+    got = hard_negative_nce(x, pos, negs, valid, temperature=0.1)
+    n = torch.nn.functional.normalize
+    ref = []
+    for i in range(5):
+        cand = [pos[i]] + [negs[i, k] for k in range(3) if valid[i, k]]
+        logits = torch.stack([(n(x[i], dim=0) * n(c, dim=0)).sum() for c in cand]) / 0.1
+        ref.append(-torch.log_softmax(logits, 0)[0])
+    assert got.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-5)
+    # A row whose only candidate is its positive costs nothing; pulling x onto pos lowers the loss.
+    assert hard_negative_nce(pos, pos, negs, valid, 0.1) < got
+
+
+def test_hard_negative_bank_and_terms_in_both_stages(trained):
+    from train_scripts.train_tokenizer import hard_negative_text_bank
+
+    root, _, s2 = trained
+    from data_pipelines.shapes_arrays import load_shapes_arrays
+
+    data = load_shapes_arrays(SHAPES, "validation", 16, cache_dir=root / "cache", progress=False)
+    emb, valid = hard_negative_text_bank(str(root / "clip/model"), data, 3, 0, set())
+    assert emb.shape == (16, 3, 16) and valid.shape == (16, 3) and valid.all()  # one attribute always changes
+    for stage in ("s1", "s2"):
+        rows = [r for r in _rows(root / stage / "log.jsonl") if "loss" in r]
+        assert all("hard_negative" in r for r in rows)
+    s1_final = [r for r in _rows(root / "s1/log.jsonl") if "val_hard_negative_acc" in r][-1]
+    assert 0.0 <= s1_final["val_hard_negative_acc"] <= 1.0 and 0.0 <= s2["hard_negative_acc"] <= 1.0
+    # Switched off: no bank, no term, no metric.
+    off = train_tokenizer(_stage_cfg(root / "s2_off", 2, init_from=str(root / "s1/model"), steps=3,
+                                     hard_negatives=0))
+    assert "hard_negative_acc" not in off
+    assert not any("hard_negative" in r for r in _rows(root / "s2_off/log.jsonl"))
+    with pytest.raises(Exception, match="hard_negatives"):
+        _stage_cfg(root / "bad", 2, hard_negatives=-1)
