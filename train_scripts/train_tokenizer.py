@@ -116,6 +116,10 @@ class TokenizerTrainConfig(ConfigBase):
                                          "position, relation, order, swapped colours), encoded once by the CLIP "
                                          "text tower; 0 = none (measured on the full schedule: 4 raises the "
                                          "codes' text→image R@1 0.872 → 0.893; the demo's full preset uses 4)")
+    readout_weight: float = option(0.0, help="stage 2: weight of a contrastive term on a linear read-out of the "
+                                             "concatenated code vectors (a training-only head, dropped): the "
+                                             "caption must be linearly readable from the codes themselves, "
+                                             "not only through the co-trained decoder; 0 = off")
     hard_negative_weight: float = option(1.0, help="weight of the focused term: stage 1's final query (stage 2's "
                                                    "decoded embedding) must pick its scene's caption over that "
                                                    "scene's hard negatives")
@@ -233,11 +237,13 @@ class Stage1Trainable(nn.Module):
 class Stage2Trainable(nn.Module):
     """The parts stage 2 trains, wrapped so DDP sees one module: code_proj, quantizer, decoder."""
 
-    def __init__(self, tok: SeedTokenizer):
+    def __init__(self, tok: SeedTokenizer, readout_dim: int = 0):
         super().__init__()
         self.code_proj = tok.code_proj
         self.quantizer = tok.quantizer
         self.decoder = tok.decoder
+        # Training-only: a linear map from the N concatenated code vectors to the CLIP text space.
+        self.readout = (nn.Linear(tok.num_tokens * tok.quantizer.dim, readout_dim) if readout_dim > 0 else None)
 
     def forward(self, queries: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator):
         z = self.code_proj(queries)  # (B, N, D)
@@ -312,7 +318,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
     else:
         tok.qformer.requires_grad_(False).eval()
         bank.extra["queries"] = _frozen_queries(tok, bank.features, progress)
-        trainable = Stage2Trainable(tok)
+        trainable = Stage2Trainable(tok, bank.text_embeds.shape[-1] if cfg.readout_weight > 0 else 0)
         trainable.train()
     model = trainable
     if info.distributed:
@@ -374,6 +380,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                                            bank.extra["neg_valid"][idx].to(info.device), cfg.temperature)
                     loss = loss + cfg.hard_negative_weight * hn
                     logs["hard_negative"] = hn.item()
+                if trainable.readout is not None:
+                    r = trainable.readout(q.quantized.flatten(1).float())
+                    pos = bank.text_embeds[idx, 0].to(info.device)
+                    ro = multi_positive_nce(r, pos, keys, cfg.temperature)
+                    if "neg_text" in bank.extra:
+                        ro = ro + hard_negative_nce(r, pos, bank.extra["neg_text"][idx].to(info.device),
+                                                    bank.extra["neg_valid"][idx].to(info.device), cfg.temperature)
+                    loss = loss + cfg.readout_weight * ro
+                    logs["readout"] = ro.item()
                 if cfg.entropy_weight > 0 and tok.config.quantizer.type == "vq":
                     book = tok.quantizer.indices_to_codes(torch.arange(tok.codebook_size, device=z.device)[None])[0]
                     ent = vq_entropy_loss(z.reshape(-1, z.shape[-1]), book, cfg.entropy_temperature)
