@@ -136,9 +136,32 @@ def train_text_tokenizer(texts: list[str], out_dir: Path, vocab_size: int = 400)
     raw = out_dir / "bpe"
     raw.mkdir(parents=True, exist_ok=True)
     bpe.model.save(str(raw))
+    _renumber_bpe_vocab(raw / "vocab.json", raw / "merges.txt", ["<|startoftext|>", "<|endoftext|>"])
     # transformers v5 ignores vocab_file=… in the constructor; from_pretrained reads the files.
     tok = CLIPTokenizer.from_pretrained(str(raw))
     return tok
+
+
+def _renumber_bpe_vocab(vocab_path: Path, merges_path: Path, specials: list[str]) -> None:
+    """Give the BPE vocabulary ids that depend only on its merges.
+
+    The ``tokenizers`` trainer numbers the ``</w>`` tokens in hash-map order (a per-process random
+    seed; huggingface/tokenizers#1794), so on the Shapes corpus three processes wrote three
+    vocabularies with the same merges — and the CLIP's embedding rows, and its whole training run,
+    differed between runs of one seed. Ids here: the special tokens, the alphabet sorted, then each
+    merge's result in merge order. Left upstream: on exact count ties those hash-ordered ids also
+    break the tie between merges, so a corpus with many ties can still learn different merges.
+    """
+    vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    lines = merges_path.read_text(encoding="utf-8").splitlines()
+    merged = ["".join(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    merged_set = set(merged)
+    order = [t for t in specials if t in vocab]
+    order += sorted(t for t in vocab if t not in merged_set and t not in specials)
+    order += list(dict.fromkeys(t for t in merged if t not in specials))
+    if sorted(order) != sorted(vocab):
+        raise RuntimeError(f"{vocab_path}: BPE vocabulary and merges disagree ({len(order)} vs {len(vocab)} tokens)")
+    vocab_path.write_text(json.dumps({t: i for i, t in enumerate(order)}, ensure_ascii=False), encoding="utf-8")
 
 
 def build_clip(cfg: ClipTrainConfig, vocab_size: int):
