@@ -185,23 +185,15 @@ def _stage_llm(cfg: DemoConfig, out: Path) -> dict[str, Any]:
 def assemble_chat_model(llm_model: Path, decoder: Path, out: Path) -> Path:
     """``OUT/model``: the trained chat-model directory with the image decoder put into its SEED
     tokenizer (``seed_tokenizer/image_decoder/``) — a copy, swapped in by renames."""
+    from seedtok.io import atomic_directory
     from seedtok.tokenizer import IMAGE_DECODER_DIR
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(llm_model, tmp)
-    target = tmp / "seed_tokenizer" / IMAGE_DECODER_DIR
-    if target.exists():
-        shutil.rmtree(target)
-    shutil.copytree(decoder, target)
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_directory(out) as tmp:
+        shutil.copytree(llm_model, tmp, dirs_exist_ok=True)
+        target = tmp / "seed_tokenizer" / IMAGE_DECODER_DIR
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.copytree(decoder, target)
     return out
 
 

@@ -633,26 +633,15 @@ def counterfactual_accuracy(model, data: ShapesArrays, cfg: ClipTrainConfig, ids
 
 
 def save_clip_dir(model, tok, path: Path, cfg: ClipTrainConfig) -> Path:
-    """An ordinary CLIP directory: config + safetensors, tokenizer, image processor, our config."""
-    import shutil
+    """An ordinary CLIP directory: config + safetensors, tokenizer, image processor, our config —
+    swapped in by renames (:func:`seedtok.io.atomic_directory`), so a crash never leaves a partial one."""
+    from seedtok.io import atomic_directory
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    build_image_processor(cfg.shapes.image_size).save_pretrained(tmp)
-    cfg.to_yaml(tmp / "seed_stage0.yaml")
-    # Swap in the new directory with renames only: a crash at any point leaves a complete CLIP dir
-    # (the old one, or the new one) at ``path`` or at ``.path.old``.
-    old = path.with_name(f".{path.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        build_image_processor(cfg.shapes.image_size).save_pretrained(tmp)
+        cfg.to_yaml(tmp / "seed_stage0.yaml")
     return path
 
 

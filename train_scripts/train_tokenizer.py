@@ -181,30 +181,23 @@ def hard_negative_nce(x: torch.Tensor, pos: torch.Tensor, negs: torch.Tensor, va
 
 
 @torch.no_grad()
-def hard_negative_text_bank(clip_dir: str, data, k: int, seed: int,
+def hard_negative_text_bank(clip, data, k: int, seed: int,
                             held_out: set[tuple[str, str]], batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` hard-negative captions per scene through the frozen CLIP text tower, once.
+    """``k`` hard-negative captions per scene through the frozen CLIP text tower (an
+    :class:`eval.clip_score.ClipScore`), once.
 
-    Returns ``(n, k, E)`` embeddings and an ``(n, k)`` mask of negatives that differ from the
-    scene's canonical caption.
+    Returns ``(n, k, E)`` (l2-normalised) embeddings and an ``(n, k)`` mask of negatives that differ
+    from the scene's canonical caption.
     """
     import numpy as np
-    from transformers import AutoTokenizer, CLIPModel
 
     from train_scripts.train_clip import hard_negative_captions
 
     rows = hard_negative_captions(data.attributes, k, np.random.default_rng(seed + 17), held_out)
     valid = torch.tensor([[c != data.captions[i] for c in row] for i, row in enumerate(rows)])
-    clip = CLIPModel.from_pretrained(clip_dir).eval()
-    ttok = AutoTokenizer.from_pretrained(clip_dir)
     flat = [c for row in rows for c in row]
-    out = []
-    for s in range(0, len(flat), batch):
-        enc = ttok(flat[s:s + batch], padding=True, truncation=True,
-                   max_length=clip.config.text_config.max_position_embeddings, return_tensors="pt")
-        out.append(clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-                   .pooler_output.float())
-    return torch.cat(out).view(len(rows), k, -1), valid
+    emb = torch.cat([clip.embed_texts(flat[s:s + batch]) for s in range(0, len(flat), batch)])
+    return emb.view(len(rows), k, -1), valid
 
 
 def vq_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -306,11 +299,15 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
     bank = build_bank(clip_dir, tok.vision_tower, train, progress=progress)
     vbank = build_bank(clip_dir, tok.vision_tower, val, progress=progress)
     if cfg.hard_negatives > 0 and cfg.hard_negative_weight > 0:
+        from eval.clip_score import ClipScore
+
         held_out = {tuple(c) for c in cfg.shapes.held_out_combinations}
+        clip = ClipScore.from_pretrained(clip_dir)
         bank.extra["neg_text"], bank.extra["neg_valid"] = hard_negative_text_bank(
-            clip_dir, train, cfg.hard_negatives, cfg.seed, held_out)
+            clip, train, cfg.hard_negatives, cfg.seed, held_out)
         vbank.extra["neg_text"], vbank.extra["neg_valid"] = hard_negative_text_bank(
-            clip_dir, val, cfg.hard_negatives, cfg.seed + 1, held_out)
+            clip, val, cfg.hard_negatives, cfg.seed + 1, held_out)
+        del clip
 
     if cfg.stage == 1:
         trainable = Stage1Trainable(tok, bank.text_embeds.shape[-1]).to(info.device)

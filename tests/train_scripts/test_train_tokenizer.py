@@ -186,7 +186,9 @@ def test_hard_negative_bank_and_terms_in_both_stages(trained):
     from data_pipelines.shapes_arrays import load_shapes_arrays
 
     data = load_shapes_arrays(SHAPES, "validation", 16, cache_dir=root / "cache", progress=False)
-    emb, valid = hard_negative_text_bank(str(root / "clip/model"), data, 3, 0, set())
+    from eval.clip_score import ClipScore
+
+    emb, valid = hard_negative_text_bank(ClipScore.from_pretrained(root / "clip/model"), data, 3, 0, set())
     assert emb.shape == (16, 3, 16) and valid.shape == (16, 3) and valid.all()  # one attribute always changes
     for stage in ("s1", "s2"):
         rows = [r for r in _rows(root / stage / "log.jsonl") if "loss" in r]
