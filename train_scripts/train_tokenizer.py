@@ -120,6 +120,11 @@ class TokenizerTrainConfig(ConfigBase):
                                              "concatenated code vectors (a training-only head, dropped): the "
                                              "caption must be linearly readable from the codes themselves, "
                                              "not only through the co-trained decoder; 0 = off")
+    caption_weight: float = option(0.0, help="weight of a training-only captioning head (a tiny prefix LM that "
+                                              "writes the canonical caption from stage 1's queries / stage 2's "
+                                              "code vectors — BLIP-2's image-grounded generation objective), so "
+                                              "the caption is readable token by token from the codes, as the "
+                                              "LLM must read it; dropped on save; 0 = off")
     hard_negative_weight: float = option(1.0, help="weight of the focused term: stage 1's final query (stage 2's "
                                                    "decoded embedding) must pick its scene's caption over that "
                                                    "scene's hard negatives")
@@ -138,6 +143,8 @@ class TokenizerTrainConfig(ConfigBase):
             raise ConfigError(f"stage must be 1 or 2, got {self.stage}")
         if self.hard_negatives < 0 or self.hard_negative_weight < 0:
             raise ConfigError("hard_negatives and hard_negative_weight must be >= 0")
+        if self.caption_weight < 0 or self.readout_weight < 0:
+            raise ConfigError("caption_weight and readout_weight must be >= 0")
         for name in ("nested_dropout", "corrupt_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -216,29 +223,40 @@ def vq_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, temperature: float)
 
 class Stage1Trainable(nn.Module):
     """The causal Q-Former plus a projection of its last query (B, H) into the text embedding space
-    (B, E). The projection is a training-only head, dropped after stage 1."""
+    (B, E), and optionally a captioning head over all N queries. Both heads are training-only,
+    dropped after stage 1."""
 
-    def __init__(self, tok: SeedTokenizer, embed_dim: int):
+    def __init__(self, tok: SeedTokenizer, embed_dim: int, caption: nn.Module | None = None):
         super().__init__()
         self.qformer = tok.qformer
         self.head = nn.Linear(tok.qformer.hidden_size, embed_dim)
+        self.caption = caption  # CaptionHead (train_scripts/caption_head.py) or None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.qformer(features)[:, -1])  # (B, E): the last causal query only
+    def forward(self, features: torch.Tensor,
+                caption_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the projected last query (B, E) and, given caption ids (B, L), the captioning loss
+        (computed here so that DDP sees every trained parameter inside its forward)."""
+        queries = self.qformer(features)
+        cap = _caption_loss(self.caption, queries, caption_ids)
+        return self.head(queries[:, -1]), cap  # the contrastive side uses the last causal query only
 
 
 class Stage2Trainable(nn.Module):
     """The parts stage 2 trains, wrapped so DDP sees one module: code_proj, quantizer, decoder."""
 
-    def __init__(self, tok: SeedTokenizer, readout_dim: int = 0):
+    def __init__(self, tok: SeedTokenizer, readout_dim: int = 0, caption: nn.Module | None = None):
         super().__init__()
         self.code_proj = tok.code_proj
         self.quantizer = tok.quantizer
         self.decoder = tok.decoder
         # Training-only: a linear map from the N concatenated code vectors to the CLIP text space.
         self.readout = (nn.Linear(tok.num_tokens * tok.quantizer.dim, readout_dim) if readout_dim > 0 else None)
+        self.caption = caption  # training-only CaptionHead (train_scripts/caption_head.py) or None
 
-    def forward(self, queries: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator):
+    def forward(self, queries: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator,
+                caption_ids: torch.Tensor | None = None):
+        """Returns ``(q, z, pred_queries, pred_embeds, heads)``; ``heads`` holds the training-only
+        heads' outputs (``readout``: (B, E); ``caption``: the captioning loss) when they exist."""
         z = self.code_proj(queries)  # (B, N, D)
         with torch.autocast(device_type=queries.device.type, enabled=False):
             q = self.quantizer(z.float())  # fp32 always
@@ -257,7 +275,20 @@ class Stage2Trainable(nn.Module):
             keep = torch.arange(N, device=codes_in.device)[None, :] < k[:, None]
             codes_in = codes_in * keep[..., None].to(codes_in.dtype)
         pred_q, pred_e = self.decoder(codes_in)
-        return q, z, pred_q, pred_e
+        heads: dict[str, torch.Tensor] = {}
+        if self.readout is not None:
+            heads["readout"] = self.readout(q.quantized.flatten(1).float())
+        cap = _caption_loss(self.caption, q.quantized, caption_ids)
+        if cap is not None:
+            heads["caption"] = cap
+        return q, z, pred_q, pred_e, heads
+
+
+def _caption_loss(head: nn.Module | None, codes: torch.Tensor,
+                  caption_ids: torch.Tensor | None) -> torch.Tensor | None:
+    if head is None or caption_ids is None:
+        return None
+    return head.loss(codes, caption_ids, head.tok_emb.num_embeddings - 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,14 +340,23 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
             clip, val, cfg.hard_negatives, cfg.seed + 1, held_out)
         del clip
 
+    head = None
+    if cfg.caption_weight > 0:
+        from train_scripts.caption_head import CaptionHead, caption_token_ids
+
+        ids, _, vocab = caption_token_ids(clip_dir, list(train.captions) + list(val.captions))
+        bank.extra["caption_ids"], vbank.extra["caption_ids"] = ids[:len(train)], ids[len(train):]
+        # Stage 1 captions from the continuous queries (BLIP-2's ITG), stage 2 from the code vectors.
+        in_dim = tok.qformer.hidden_size if cfg.stage == 1 else tok.quantizer.dim
+        head = CaptionHead(in_dim, tok.num_tokens, vocab, ids.shape[1])
     if cfg.stage == 1:
-        trainable = Stage1Trainable(tok, bank.text_embeds.shape[-1]).to(info.device)
+        trainable = Stage1Trainable(tok, bank.text_embeds.shape[-1], head).to(info.device)
         trainable.train()
     else:
         tok.qformer.requires_grad_(False).eval()
         bank.extra["queries"] = _frozen_queries(tok, bank.features, progress)
-        trainable = Stage2Trainable(tok, bank.text_embeds.shape[-1] if cfg.readout_weight > 0 else 0)
-        trainable.train()
+        trainable = Stage2Trainable(tok, bank.text_embeds.shape[-1] if cfg.readout_weight > 0 else 0, head)
+        trainable.to(info.device).train()
     model = trainable
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(trainable, broadcast_buffers=False)
@@ -346,10 +386,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         idx = torch.randint(0, len(train), (cfg.batch_size,), generator=gen)
         keys = [bank.keys[i] for i in idx.tolist()]
         logs: dict[str, float] = {}
+        cap_ids = bank.extra["caption_ids"][idx].to(info.device) if "caption_ids" in bank.extra else None
         with autocast(precision, info.device):
             if cfg.stage == 1:
                 var = torch.randint(0, bank.text_embeds.shape[1], (cfg.batch_size,), generator=gen)
-                img = model(bank.features[idx].to(info.device).float())
+                img, cap = model(bank.features[idx].to(info.device).float(), cap_ids)
                 pos = bank.text_embeds[idx, var].to(info.device)
                 loss = multi_positive_nce(img, pos, keys, cfg.temperature)
                 if "neg_text" in bank.extra:
@@ -359,7 +400,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                     logs["hard_negative"] = hn.item()
             else:
                 queries = bank.extra["queries"][idx].to(info.device).float()
-                q, z, pred_q, pred_e = model(queries, cfg, gen)
+                q, z, pred_q, pred_e, heads = model(queries, cfg, gen, cap_ids)
+                cap = heads.get("caption")
                 parts = stage2_loss(vq_loss=q.loss, pred_queries=pred_q, target_queries=queries,
                                     pred_embeds=pred_e, target_embeds=bank.image_embeds[idx].to(info.device),
                                     weights=cfg.loss_weights)
@@ -377,8 +419,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                                            bank.extra["neg_valid"][idx].to(info.device), cfg.temperature)
                     loss = loss + cfg.hard_negative_weight * hn
                     logs["hard_negative"] = hn.item()
-                if trainable.readout is not None:
-                    r = trainable.readout(q.quantized.flatten(1).float())
+                if "readout" in heads:
+                    r = heads["readout"]
                     pos = bank.text_embeds[idx, 0].to(info.device)
                     ro = multi_positive_nce(r, pos, keys, cfg.temperature)
                     if "neg_text" in bank.extra:
@@ -394,6 +436,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                 tracker.update(q.indices)
                 logs.update({k: v.item() for k, v in parts.items() if k != "loss"})
                 logs.update({k: float(v) for k, v in q.metrics.items()})
+            if cap is not None:
+                loss = loss + cfg.caption_weight * cap
+                logs["caption"] = cap.item()
         check_finite(loss, step + 1)  # 1-based, as logged and checkpointed
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -424,6 +469,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
             metrics = _stage1_metrics(trainable, vbank)
         else:
             metrics = evaluate_bank(tok, vbank)
+        if trainable.caption is not None:
+            metrics.update(_caption_head_metrics(tok, trainable.caption, vbank, clip_dir, cfg.stage))
         if "neg_text" in vbank.extra:
             metrics["hard_negative_acc"] = _hard_negative_accuracy(tok, trainable, vbank, cfg.stage)
         logger.log(cfg.steps, **{f"val_{k}": v for k, v in metrics.items()})
@@ -485,6 +532,39 @@ def _frozen_queries(tok: SeedTokenizer, features: torch.Tensor, progress: bool, 
 
 
 @torch.no_grad()
+def _caption_head_metrics(tok: SeedTokenizer, head: nn.Module, vbank: FrozenBank, clip_dir: str, stage: int,
+                          batch: int = 512) -> dict[str, float]:
+    """How readable the validation scenes' queries (stage 1) or codes (stage 2) are to the captioning
+    head: teacher-forced token accuracy, and greedy captions scored by the Shapes parser (strict;
+    pairs' relation)."""
+    from transformers import AutoTokenizer
+
+    from eval.shapes_scorer import aggregate, score_caption
+
+    text_tok = AutoTokenizer.from_pretrained(clip_dir)
+    head.eval()
+    pad_id = head.tok_emb.num_embeddings - 1
+    hits = total = 0.0
+    scores = []
+    for s in range(0, len(vbank.keys), batch):
+        queries = tok.qformer(vbank.features[s:s + batch].float())
+        codes = queries if stage == 1 else tok.quantizer.indices_to_codes(tok.quantize(queries).indices)
+        ids = vbank.extra["caption_ids"][s:s + batch]
+        n = (ids[:, 1:] != pad_id).sum().item()
+        hits += head.token_accuracy(codes, ids, pad_id) * n
+        total += n
+        out = head.generate(codes, int(ids[0, 0]), text_tok.eos_token_id, ids.shape[1])
+        for j, row in enumerate(out.tolist()):
+            text = text_tok.decode([t for t in row if t < len(text_tok)], skip_special_tokens=True)
+            scores.append(score_caption(text, vbank.data.attributes[s + j]))
+    summary = aggregate(scores)
+    metrics = {"caption_token_acc": hits / max(1.0, total), "caption_strict": summary["accuracy"]["strict"]}
+    if summary["pair"]["n"]:
+        metrics["caption_pair_strict"] = summary["pair"]["accuracy"]["strict"]
+        metrics["caption_pair_relation"] = summary["pair"]["accuracy"]["relation"]
+    return metrics
+
+
 @torch.no_grad()
 def _hard_negative_accuracy(tok: SeedTokenizer, trainable: nn.Module, vbank: FrozenBank, stage: int,
                             batch: int = 512) -> float:
@@ -496,7 +576,7 @@ def _hard_negative_accuracy(tok: SeedTokenizer, trainable: nn.Module, vbank: Fro
     for s in range(0, len(vbank.keys), batch):
         f = vbank.features[s:s + batch].float()
         if stage == 1:
-            sides.append(trainable(f))
+            sides.append(trainable(f)[0])
         else:
             codes = tok.quantize(tok.qformer(f)).indices
             sides.append(tok.decoder.decode_embedding(tok.quantizer.indices_to_codes(codes)))
@@ -510,7 +590,7 @@ def _hard_negative_accuracy(tok: SeedTokenizer, trainable: nn.Module, vbank: Fro
 
 def _stage1_metrics(trainable: Stage1Trainable, vbank: FrozenBank) -> dict[str, float]:
     trainable.eval()
-    img = torch.cat([trainable(vbank.features[s:s + 512].float()) for s in range(0, len(vbank.keys), 512)])
+    img = torch.cat([trainable(vbank.features[s:s + 512].float())[0] for s in range(0, len(vbank.keys), 512)])
     return recall_from_embeddings(img, vbank.text_embeds[:, 0], vbank.keys)
 
 

@@ -217,3 +217,36 @@ def test_stage2_linear_readout_is_trained_and_dropped(trained, tmp_path):
     saved = SeedTokenizer.from_pretrained(tmp_path / "ro/model").own_state_dict()
     plain = SeedTokenizer.from_pretrained(root / "s2/model").own_state_dict()
     assert set(saved) == set(plain)  # the head is training-only
+
+
+def test_stage2_caption_head_is_trained_scored_and_dropped(trained, tmp_path):
+    root, _, _ = trained
+    cfg = _stage_cfg(tmp_path / "cap", 2, init_from=str(root / "s1/model"), steps=30, log_every=1,
+                     hard_negatives=0, caption_weight=1.0, cache_dir=str(root / "cache"))
+    metrics = train_tokenizer(cfg)
+    rows = [r for r in _rows(tmp_path / "cap/log.jsonl") if "loss" in r]
+    assert len(rows) == 30 and all("caption" in r for r in rows)
+    first, last = (sum(r["caption"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    assert last < 0.7 * first, (first, last)
+    # Teacher-forced token accuracy on the validation codes: well above a uniform guess over the
+    # CLIP vocabulary (the Shapes captions share most tokens, so even 30 steps get most of them).
+    assert 0.3 < metrics["caption_token_acc"] <= 1.0
+    saved = SeedTokenizer.from_pretrained(tmp_path / "cap/model").own_state_dict()
+    plain = SeedTokenizer.from_pretrained(root / "s2/model").own_state_dict()
+    assert set(saved) == set(plain)  # the head is training-only
+    with pytest.raises(Exception, match="caption_weight"):
+        _stage_cfg(root / "bad", 2, caption_weight=-1.0)
+
+
+def test_stage1_caption_head_trains_the_qformer(trained, tmp_path):
+    root, _, _ = trained
+    cfg = _stage_cfg(tmp_path / "cap1", 1, vision_path=str(root / "clip/model"), steps=30, log_every=1,
+                     hard_negatives=0, caption_weight=1.0, cache_dir=str(root / "cache"))
+    metrics = train_tokenizer(cfg)
+    rows = [r for r in _rows(tmp_path / "cap1/log.jsonl") if "loss" in r]
+    first, last = (sum(r["caption"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    assert last < 0.7 * first, (first, last)
+    assert {"caption_token_acc", "caption_strict", "t2i_R@1"} <= set(metrics)
+    saved = SeedTokenizer.from_pretrained(tmp_path / "cap1/model").own_state_dict()
+    plain = SeedTokenizer.from_pretrained(root / "s1/model").own_state_dict()
+    assert set(saved) == set(plain)
