@@ -179,6 +179,20 @@ def canonical_caption(attributes: dict[str, Any]) -> str:
     return f"a {_noun_phrase(objs[0])} {attributes['relation']} a {_noun_phrase(objs[1])}"
 
 
+def ordered_caption(attributes: dict[str, Any]) -> str:
+    """The canonical caption with a pair told from its left / top object (``left of`` / ``above``).
+
+    The same scene as :func:`canonical_caption` (the Shapes parser scores both alike), but a pure
+    function of what the image shows: the canonical caption's object order follows the relation
+    the generator drew, so one image has two equally likely canonical captions.
+    """
+    if attributes["kind"] == "pair" and attributes["relation"] in ("right of", "below"):
+        objs = attributes["objects"]
+        attributes = {**attributes, "objects": [objs[1], objs[0]],
+                      "relation": INVERSE_RELATION[attributes["relation"]]}
+    return canonical_caption(attributes)
+
+
 def _pick(u: float, options: tuple[Any, ...] | list[Any]) -> Any:
     """Map a uniform draw in [0, 1) to one of ``options``."""
     return options[min(int(u * len(options)), len(options) - 1)]

@@ -25,6 +25,7 @@ import numpy as np
 
 from data_pipelines.packing import TokenizedSample
 from data_pipelines.sequences import SequenceBuilder
+from seedtok.errors import DataError
 
 DRAW_PROMPTS = ("Draw {}.", "Show me {}.", "Make a picture of {}.")
 ASK_PROMPTS = ("Describe the image.", "What is in this picture?", "What do you see?")
@@ -54,10 +55,19 @@ def _text(texts: Sequence[Sequence[str]], j: int, rng: np.random.Generator) -> s
 
 def shapes_plan(i: int, texts: Sequence[Sequence[str]], rng: np.random.Generator, *, caption_fraction: float = 0.5,
                 uncond_fraction: float = 0.1, conversation_fraction: float = 0.0,
-                document_fraction: float = 0.0) -> Plan:
+                document_fraction: float = 0.0, answers: Sequence[str] | None = None) -> Plan:
     """Draw item ``i``'s sample: a pair of scene ``i``, or a conversation / document led by scene ``i``
-    (further scenes drawn uniformly)."""
+    (further scenes drawn uniformly).
+
+    ``answers`` (one text per scene), when given, is what the model is trained to *say* about an
+    image (image → text pairs, "describe" answers); prompts, generation texts and documents still
+    draw from ``texts``.
+    """
     n = len(texts)
+
+    def answer(j: int) -> str:
+        return answers[j] if answers is not None else _text(texts, j, rng)
+
     u = rng.random()
     if u < conversation_fraction:
         messages, scenes = [], []
@@ -67,7 +77,7 @@ def shapes_plan(i: int, texts: Sequence[Sequence[str]], rng: np.random.Generator
             if rng.random() < 0.5:  # describe an image
                 ask = ASK_PROMPTS[int(rng.integers(len(ASK_PROMPTS)))]
                 messages += [{"role": "user", "content": [{"type": "image", "scene": j}, {"type": "text", "text": ask}]},
-                             {"role": "assistant", "content": _text(texts, j, rng)}]
+                             {"role": "assistant", "content": answer(j)}]
             else:  # draw one
                 prompt = DRAW_PROMPTS[int(rng.integers(len(DRAW_PROMPTS)))].format(_text(texts, j, rng))
                 messages += [{"role": "user", "content": prompt},
@@ -84,7 +94,7 @@ def shapes_plan(i: int, texts: Sequence[Sequence[str]], rng: np.random.Generator
                 parts += [("scene", j), sep + _text(texts, j, rng) + "."]
         return Plan("document", scenes, parts=parts)
     if rng.random() < caption_fraction:
-        return Plan("pair", [i], text=_text(texts, i, rng), direction="caption")
+        return Plan("pair", [i], text=answer(i), direction="caption")
     uncond = uncond_fraction > 0 and rng.random() < uncond_fraction
     return Plan("pair", [i], text="" if uncond else _text(texts, i, rng), direction="generation")
 
@@ -114,8 +124,10 @@ class ShapesMixSource:
 
     def __init__(self, builder: SequenceBuilder, codes: np.ndarray, texts: Sequence[Sequence[str]], *,
                  caption_fraction: float = 0.5, uncond_fraction: float = 0.1, conversation_fraction: float = 0.0,
-                 document_fraction: float = 0.0):
-        self.builder, self.codes, self.texts = builder, np.asarray(codes), texts
+                 document_fraction: float = 0.0, answers: Sequence[str] | None = None):
+        if answers is not None and len(answers) != len(texts):
+            raise DataError(f"{len(answers)} answer texts for {len(texts)} scenes")
+        self.builder, self.codes, self.texts, self.answers = builder, np.asarray(codes), texts, answers
         self.fractions = dict(caption_fraction=caption_fraction, uncond_fraction=uncond_fraction,
                               conversation_fraction=conversation_fraction, document_fraction=document_fraction)
 
@@ -123,7 +135,7 @@ class ShapesMixSource:
         return len(self.codes)
 
     def sample(self, i: int, rng: np.random.Generator) -> TokenizedSample | None:
-        plan = shapes_plan(i, self.texts, rng, **self.fractions)
+        plan = shapes_plan(i, self.texts, rng, answers=self.answers, **self.fractions)
         return build_plan(self.builder, plan, lambda j: self.codes[j])
 
 

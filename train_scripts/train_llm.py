@@ -102,6 +102,10 @@ class LLMTrainConfig(ConfigBase):
     eps: float = option(1e-8, help="AdamW epsilon")
     grad_clip: float = option(1.0, help="gradient clipping (global norm)")
     caption_fraction: float = option(0.5, help="pairs drawn as image→text (the rest text→image), SEED: 0.5")
+    caption_targets: Literal["all", "canonical", "ordered"] = option(
+        "all", help="Shapes: what the model learns to say about an image — all = the canonical caption or any "
+                    "paraphrase; canonical = the canonical caption; ordered = the canonical caption told from "
+                    "a pair's left/top object (one caption per image). Prompts always use every paraphrase")
     uncond_fraction: float = option(0.1, help="text→image turns with an empty prompt (trains classifier-free guidance)")
     conversation_fraction: float = option(0.0, help="Shapes: multi-turn conversations (describe / draw) among the samples")
     document_fraction: float = option(0.0, help="Shapes: interleaved documents (2–4 captioned scenes) among the samples")
@@ -145,6 +149,7 @@ class TrainData:
     codes: Any  # shapes: (n, N) int array; records: per record, a list of (N,) arrays
     texts: Any  # shapes: per scene, [caption, *paraphrases]; records: the records
     corpus: list[str]  # text for the embedded default's sentencepiece model
+    answers: list[str] | None = None  # shapes: per scene, the caption-direction target (caption_targets)
 
 
 def load_train_data(cfg: LLMTrainConfig, seed_tok: Any, info: DistInfo) -> TrainData:
@@ -165,7 +170,14 @@ def load_train_data(cfg: LLMTrainConfig, seed_tok: Any, info: DistInfo) -> Train
             barrier(info)
         cache.reload()
         texts = [arr.texts(i) for i in range(len(arr))]
-        return TrainData("shapes", cache.as_array(keys), texts, [t for ts in texts for t in ts])
+        answers = None
+        if cfg.caption_targets == "canonical":
+            answers = list(arr.captions)
+        elif cfg.caption_targets == "ordered":
+            from data_pipelines.shapes import ordered_caption
+
+            answers = [ordered_caption(a) for a in arr.attributes]
+        return TrainData("shapes", cache.as_array(keys), texts, [t for ts in texts for t in ts], answers)
 
     from data_pipelines.loaders import load_records
     from data_pipelines.records import ImageSegment
@@ -196,7 +208,7 @@ def build_source(cfg: LLMTrainConfig, data: TrainData, builder: Any) -> Any:
     if data.kind == "shapes":
         return ShapesMixSource(builder, data.codes, data.texts, caption_fraction=cfg.caption_fraction,
                                uncond_fraction=cfg.uncond_fraction, conversation_fraction=cfg.conversation_fraction,
-                               document_fraction=cfg.document_fraction)
+                               document_fraction=cfg.document_fraction, answers=data.answers)
     return RecordSource(builder, data.texts, data.codes, caption_fraction=cfg.caption_fraction,
                         uncond_fraction=cfg.uncond_fraction)
 

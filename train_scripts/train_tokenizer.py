@@ -342,9 +342,12 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
 
     head = None
     if cfg.caption_weight > 0:
+        from data_pipelines.shapes import ordered_caption
         from train_scripts.caption_head import CaptionHead, caption_token_ids
 
-        ids, _, vocab = caption_token_ids(clip_dir, list(train.captions) + list(val.captions))
+        # One caption per image (a pair told from its left/top object): the canonical caption's
+        # object order follows the generator's draw, which the image does not show.
+        ids, _, vocab = caption_token_ids(clip_dir, [ordered_caption(a) for a in train.attributes + val.attributes])
         bank.extra["caption_ids"], vbank.extra["caption_ids"] = ids[:len(train)], ids[len(train):]
         # Stage 1 captions from the continuous queries (BLIP-2's ITG), stage 2 from the code vectors.
         in_dim = tok.qformer.hidden_size if cfg.stage == 1 else tok.quantizer.dim

@@ -13,6 +13,7 @@ from data_pipelines.packed_stream import PackedStream
 from data_pipelines.packing import IGNORE_INDEX
 from data_pipelines.records import ImageRef, ImageSegment, Message, Record, TextSegment
 from data_pipelines.sequences import ConcatSource, PairSource, RecordSource, SequenceBuilder
+from seedtok.errors import DataError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "llm_adapters"))
 import llm_tiny  # noqa: E402 — the llm_adapters tests' tiny builders
@@ -160,3 +161,28 @@ def test_shapes_mix_builds_all_three_kinds_from_one_plan(processor):
     src = ShapesMixSource(b, codes, texts, conversation_fraction=0.4, document_fraction=0.3)
     i = kinds["chat"].scenes[0]
     assert src.sample(i, np.random.default_rng([0, i])).input_ids.tolist() == chat.input_ids.tolist()
+
+
+def test_shapes_mix_answers_replace_only_what_the_model_says(processor):
+    from data_pipelines.shapes_mix import ShapesMixSource, shapes_plan
+
+    texts = [[f"prompt {i} a", f"prompt {i} b"] for i in range(40)]
+    answers = [f"answer {i}" for i in range(40)]
+    said, asked = set(), set()
+    for i in range(40):
+        plan = shapes_plan(i, texts, np.random.default_rng([1, i]), conversation_fraction=0.5, answers=answers)
+        if plan.kind == "pair":
+            (said if plan.direction == "caption" else asked).add(plan.text)
+            if plan.direction == "caption":
+                assert plan.text == answers[i]
+        else:
+            for m in plan.messages:
+                if m["role"] == "assistant" and isinstance(m["content"], str):
+                    said.add(m["content"])
+                elif m["role"] == "user" and isinstance(m["content"], str):
+                    asked.add(m["content"])
+    assert said and said <= set(answers)
+    assert asked and not any(a in t for t in asked for a in answers)  # prompts still use the texts
+    with pytest.raises(DataError, match="answer texts"):
+        ShapesMixSource(SequenceBuilder(processor, max_len=400), np.zeros((40, llm_tiny.N), int), texts,
+                        answers=answers[:3])

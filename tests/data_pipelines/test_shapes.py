@@ -22,6 +22,7 @@ from data_pipelines.shapes import (
     ShapesWorld,
     canonical_caption,
     cell_centre,
+    ordered_caption,
 )
 from data_pipelines.writers import write_shapes
 from seedtok.errors import ConfigError, DataError
@@ -162,6 +163,26 @@ def test_canonical_caption_examples():
     assert canonical_caption(single) == "a large red circle in the top left"
     assert canonical_caption(centre) == "a small green square in the center"
     assert canonical_caption(pair) == "a small blue square left of a large yellow triangle"
+
+
+def test_ordered_caption_tells_a_pair_from_its_left_or_top_object():
+    from eval.shapes_scorer import score_caption
+
+    records = list(ShapesWorld(ShapesConfig(pair_fraction=1.0)).generate("train", 80))
+    seen = set()
+    for r in records:
+        a = r.attributes
+        text = ordered_caption(a)
+        assert (" left of " in text) != (" above " in text), text  # only the two forward relations
+        assert score_caption(text, a)["strict"]  # the same scene as the canonical caption
+        if a["relation"] in ("left of", "above"):
+            assert text == canonical_caption(a)
+        else:  # the generator told it from the other object: swapped, relation inverted
+            assert text != canonical_caption(a)
+        seen.add(a["relation"])
+    assert seen == set(RELATIONS)
+    single = ShapesWorld(ShapesConfig(pair_fraction=0.0)).record("train", 0).attributes
+    assert ordered_caption(single) == canonical_caption(single)
 
 
 def test_held_out_combinations_only_in_compositional():

@@ -144,3 +144,29 @@ def test_zero3_offload(tmp_path, seed_tok):
     out = tmp_path / "offload"
     train_llm(_cfg(out, seed_tok, deepspeed="zero3_offload", steps=3, n_val=0, precision="bf16"))
     assert len(_losses(out)) == 3 and (out / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("targets", ["all", "canonical", "ordered"])
+def test_caption_targets_choose_what_the_model_says(tmp_path, seed_tok, targets):
+    from seedtok.tokenizer import SeedTokenizer
+    from train_scripts.runtime import DistInfo
+    from train_scripts.train_llm import load_train_data
+
+    cfg = _cfg(tmp_path / "run", seed_tok, caption_targets=targets)
+    tok = SeedTokenizer.from_pretrained(seed_tok, load_vision=True)
+    data = load_train_data(cfg, tok, DistInfo())
+    assert len(data.codes) == len(data.texts) == 96
+    if targets == "all":
+        assert data.answers is None
+    else:
+        canonical = [ts[0] for ts in data.texts]
+        assert data.answers == canonical if targets == "canonical" else data.answers != canonical
+        if targets == "ordered":
+            assert all((" right of " not in a) and (" below " not in a) for a in data.answers)
+            from eval.shapes_scorer import parse_caption, scene_key
+
+            # The same scene as the canonical caption, every time.
+            assert all(scene_key(parse_caption(a)) == scene_key(parse_caption(c))
+                       for a, c in zip(data.answers, canonical))
+    with pytest.raises(Exception, match="caption_targets"):
+        _cfg(tmp_path / "bad", seed_tok, caption_targets="every")
