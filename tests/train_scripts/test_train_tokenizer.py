@@ -132,8 +132,9 @@ def test_stage2_resume_reproduces_uninterrupted_run(trained, tmp_path):
 
 def test_stage2_two_processes_gloo(trained, tmp_path):
     root, _, _ = trained
+    # Both training-only heads on: they run inside the DDP-wrapped forward, so DDP syncs their grads.
     cfg = _stage_cfg(tmp_path / "ddp", 2, init_from=str(root / "s1/model"), steps=6, batch_size=32,
-                     cache_dir=str(root / "cache"))
+                     cache_dir=str(root / "cache"), caption_weight=1.0, readout_weight=0.5)
     cfg_path = cfg.to_yaml(tmp_path / "ddp.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29533"}
     out = subprocess.run(
@@ -145,7 +146,7 @@ def test_stage2_two_processes_gloo(trained, tmp_path):
     tok = SeedTokenizer.from_pretrained(tmp_path / "ddp/model")
     single = SeedTokenizer.from_pretrained(root / "s2/model")
     assert set(tok.own_state_dict()) == set(single.own_state_dict())  # same format as a 1-process run
-    assert "code_usage" in out.stdout
+    assert "code_usage" in out.stdout and "caption_token_acc" in out.stdout
 
 
 def test_stage2_options_nested_dropout_entropy_corruption(trained, tmp_path):
