@@ -32,7 +32,8 @@ class CaptionHead(nn.Module):
     Args:
         code_dim: D, the quantiser's code dimension.
         num_codes: N, codes per image.
-        vocab_size: the caption tokenizer's vocabulary size.
+        vocab_size: the caption tokenizer's vocabulary size; its last id is padding
+            (:func:`caption_token_ids`'s convention), never a target.
         max_len: longest caption in tokens (including BOS/EOS).
         width / layers / heads: the transformer's size (kept small: the codes must do the work).
     """
@@ -41,6 +42,7 @@ class CaptionHead(nn.Module):
                  width: int = 128, layers: int = 2, heads: int = 4) -> None:
         super().__init__()
         self.num_codes = num_codes
+        self.pad_id = vocab_size - 1
         self.code_in = nn.Linear(code_dim, width)
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos = nn.Parameter(torch.zeros(num_codes + max_len, width))
@@ -61,15 +63,17 @@ class CaptionHead(nn.Module):
         h = self.blocks(x, mask=mask, is_causal=True)
         return self.out(self.norm(h[:, N:]))
 
-    def loss(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    def loss(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the caption's real tokens (pads ignored)."""
+        pad_id = self.pad_id if pad_id is None else pad_id
         logits = self(codes, ids)[:, :-1]
         target = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
-    def token_accuracy(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int) -> float:
+    def token_accuracy(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int | None = None) -> float:
         """Teacher-forced next-token accuracy over real caption tokens (a validation readout)."""
+        pad_id = self.pad_id if pad_id is None else pad_id
         pred = self(codes, ids)[:, :-1].argmax(-1)
         target = ids[:, 1:]
         real = target != pad_id

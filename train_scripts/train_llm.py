@@ -103,9 +103,10 @@ class LLMTrainConfig(ConfigBase):
     grad_clip: float = option(1.0, help="gradient clipping (global norm)")
     caption_fraction: float = option(0.5, help="pairs drawn as image→text (the rest text→image), SEED: 0.5")
     caption_targets: Literal["all", "canonical", "ordered"] = option(
-        "all", help="Shapes: what the model learns to say about an image — all = the canonical caption or any "
-                    "paraphrase; canonical = the canonical caption; ordered = the canonical caption told from "
-                    "a pair's left/top object (one caption per image). Prompts always use every paraphrase")
+        "ordered", help="Shapes: what the model learns to say about an image — ordered = the canonical caption "
+                        "told from a pair's left/top object (one caption per image; with a tokenizer trained with "
+                        "--caption-weight it doubled pairs-strict captions, 0.25 → 0.49); canonical = the "
+                        "canonical caption; all = it or any paraphrase. Prompts always use every paraphrase")
     uncond_fraction: float = option(0.1, help="text→image turns with an empty prompt (trains classifier-free guidance)")
     conversation_fraction: float = option(0.0, help="Shapes: multi-turn conversations (describe / draw) among the samples")
     document_fraction: float = option(0.0, help="Shapes: interleaved documents (2–4 captioned scenes) among the samples")

@@ -288,7 +288,7 @@ def _caption_loss(head: nn.Module | None, codes: torch.Tensor,
                   caption_ids: torch.Tensor | None) -> torch.Tensor | None:
     if head is None or caption_ids is None:
         return None
-    return head.loss(codes, caption_ids, head.tok_emb.num_embeddings - 1)
+    return head.loss(codes, caption_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,15 +546,14 @@ def _caption_head_metrics(tok: SeedTokenizer, head: nn.Module, vbank: FrozenBank
 
     text_tok = AutoTokenizer.from_pretrained(clip_dir)
     head.eval()
-    pad_id = head.tok_emb.num_embeddings - 1
     hits = total = 0.0
     scores = []
     for s in range(0, len(vbank.keys), batch):
-        queries = tok.qformer(vbank.features[s:s + batch].float())
+        queries = tok.qformer(vbank.features[s:s + batch].to(tok.device).float())
         codes = queries if stage == 1 else tok.quantizer.indices_to_codes(tok.quantize(queries).indices)
-        ids = vbank.extra["caption_ids"][s:s + batch]
-        n = (ids[:, 1:] != pad_id).sum().item()
-        hits += head.token_accuracy(codes, ids, pad_id) * n
+        ids = vbank.extra["caption_ids"][s:s + batch].to(tok.device)
+        n = (ids[:, 1:] != head.pad_id).sum().item()
+        hits += head.token_accuracy(codes, ids) * n
         total += n
         out = head.generate(codes, int(ids[0, 0]), text_tok.eos_token_id, ids.shape[1])
         for j, row in enumerate(out.tolist()):
@@ -577,7 +576,7 @@ def _hard_negative_accuracy(tok: SeedTokenizer, trainable: nn.Module, vbank: Fro
     trainable.eval()
     sides = []
     for s in range(0, len(vbank.keys), batch):
-        f = vbank.features[s:s + batch].float()
+        f = vbank.features[s:s + batch].to(tok.device).float()
         if stage == 1:
             sides.append(trainable(f)[0])
         else:
@@ -593,7 +592,8 @@ def _hard_negative_accuracy(tok: SeedTokenizer, trainable: nn.Module, vbank: Fro
 
 def _stage1_metrics(trainable: Stage1Trainable, vbank: FrozenBank) -> dict[str, float]:
     trainable.eval()
-    img = torch.cat([trainable(vbank.features[s:s + 512].float())[0] for s in range(0, len(vbank.keys), 512)])
+    device = next(trainable.parameters()).device
+    img = torch.cat([trainable(vbank.features[s:s + 512].to(device).float())[0] for s in range(0, len(vbank.keys), 512)])
     return recall_from_embeddings(img, vbank.text_embeds[:, 0], vbank.keys)
 
 
