@@ -97,7 +97,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # The captioning head (BLIP-2's generation objective) is what lets a fresh LLM read a
         # pair's relation from the codes (README: "The LLM"); stage 1 needs the longer schedule.
         "stage1": {"steps": 1000, "n_train": 30000, "lr": 1e-3, "caption_weight": 2.0},
-        "stage2": {"steps": 1000, "n_train": 30000, "caption_weight": 2.0},
+        "stage2": {"steps": 1000, "n_train": 30000, "caption_weight": 4.0},
         "vae": {"vae_steps": 1500, "n_train": 20000},
         "decoder": {"steps": 10000, "n_train": 40000},
         "llm": {"steps": 3000, "n_train": 30000, "seq_len": 256, "micro_batch": 16, "embed_init": "codebook"},
