@@ -63,20 +63,18 @@ class CaptionHead(nn.Module):
         h = self.blocks(x, mask=mask, is_causal=True)
         return self.out(self.norm(h[:, N:]))
 
-    def loss(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    def loss(self, codes: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the caption's real tokens (pads ignored)."""
-        pad_id = self.pad_id if pad_id is None else pad_id
         logits = self(codes, ids)[:, :-1]
-        target = ids[:, 1:].masked_fill(ids[:, 1:] == pad_id, -100)
+        target = ids[:, 1:].masked_fill(ids[:, 1:] == self.pad_id, -100)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=-100)
 
     @torch.no_grad()
-    def token_accuracy(self, codes: torch.Tensor, ids: torch.Tensor, pad_id: int | None = None) -> float:
+    def token_accuracy(self, codes: torch.Tensor, ids: torch.Tensor) -> float:
         """Teacher-forced next-token accuracy over real caption tokens (a validation readout)."""
-        pad_id = self.pad_id if pad_id is None else pad_id
         pred = self(codes, ids)[:, :-1].argmax(-1)
         target = ids[:, 1:]
-        real = target != pad_id
+        real = target != self.pad_id
         return ((pred == target) & real).sum().item() / max(1, real.sum().item())
 
     @torch.no_grad()
@@ -94,15 +92,12 @@ class CaptionHead(nn.Module):
         return ids
 
 
-def caption_token_ids(clip_dir: str, captions: Sequence[str]) -> tuple[torch.Tensor, int, int]:
-    """Captions → (n, L) ids with the CLIP directory's own text tokenizer (BOS … EOS, right-padded).
+def caption_token_ids(tok, captions: Sequence[str]) -> tuple[torch.Tensor, int]:
+    """Captions → (n, L) ids with a text tokenizer (the CLIP directory's own; BOS … EOS, right-padded).
 
-    Returns ``(ids, pad_id, vocab_size)``. The pad id is a dedicated extra id (``vocab_size - 1``)
-    so it never collides with EOS, which is a real target.
+    Returns ``(ids, vocab_size)``. The pad id is a dedicated extra id, ``vocab_size - 1``
+    (:attr:`CaptionHead.pad_id`), so it never collides with EOS, which is a real target.
     """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(clip_dir)
     enc = tok(list(captions), add_special_tokens=True)["input_ids"]
     if not enc:
         raise ConfigError("caption head: no captions to tokenize")
@@ -111,4 +106,4 @@ def caption_token_ids(clip_dir: str, captions: Sequence[str]) -> tuple[torch.Ten
     ids = torch.full((len(enc), L), pad_id, dtype=torch.long)
     for i, e in enumerate(enc):
         ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-    return ids, pad_id, pad_id + 1
+    return ids, pad_id + 1

@@ -340,14 +340,18 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
             clip, val, cfg.hard_negatives, cfg.seed + 1, held_out)
         del clip
 
-    head = None
+    head = text_tok = None
     if cfg.caption_weight > 0:
+        from transformers import AutoTokenizer
+
         from data_pipelines.shapes import ordered_caption
         from train_scripts.caption_head import CaptionHead, caption_token_ids
 
+        text_tok = AutoTokenizer.from_pretrained(clip_dir)  # check_clip_dir made sure it has one
+
         # One caption per image (a pair told from its left/top object): the canonical caption's
         # object order follows the generator's draw, which the image does not show.
-        ids, _, vocab = caption_token_ids(clip_dir, [ordered_caption(a) for a in train.attributes + val.attributes])
+        ids, vocab = caption_token_ids(text_tok, [ordered_caption(a) for a in train.attributes + val.attributes])
         bank.extra["caption_ids"], vbank.extra["caption_ids"] = ids[:len(train)], ids[len(train):]
         # Stage 1 captions from the continuous queries (BLIP-2's ITG), stage 2 from the code vectors.
         in_dim = tok.qformer.hidden_size if cfg.stage == 1 else tok.quantizer.dim
@@ -473,7 +477,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         else:
             metrics = evaluate_bank(tok, vbank)
         if trainable.caption is not None:
-            metrics.update(_caption_head_metrics(tok, trainable.caption, vbank, clip_dir, cfg.stage))
+            metrics.update(_caption_head_metrics(tok, trainable.caption, vbank, text_tok, cfg.stage))
         if "neg_text" in vbank.extra:
             metrics["hard_negative_acc"] = _hard_negative_accuracy(tok, trainable, vbank, cfg.stage)
         logger.log(cfg.steps, **{f"val_{k}": v for k, v in metrics.items()})
@@ -535,16 +539,13 @@ def _frozen_queries(tok: SeedTokenizer, features: torch.Tensor, progress: bool, 
 
 
 @torch.no_grad()
-def _caption_head_metrics(tok: SeedTokenizer, head: nn.Module, vbank: FrozenBank, clip_dir: str, stage: int,
+def _caption_head_metrics(tok: SeedTokenizer, head: nn.Module, vbank: FrozenBank, text_tok, stage: int,
                           batch: int = 512) -> dict[str, float]:
     """How readable the validation scenes' queries (stage 1) or codes (stage 2) are to the captioning
     head: teacher-forced token accuracy, and greedy captions scored by the Shapes parser (strict;
     pairs' relation)."""
-    from transformers import AutoTokenizer
-
     from eval.shapes_scorer import aggregate, score_caption
 
-    text_tok = AutoTokenizer.from_pretrained(clip_dir)
     head.eval()
     hits = total = 0.0
     scores = []

@@ -6,7 +6,7 @@ import torch
 
 from train_scripts.caption_head import CaptionHead
 
-PAD = 9
+PAD = 9  # the head's pad id: vocab_size - 1
 
 
 def _head(seed: int = 0) -> CaptionHead:
@@ -32,10 +32,10 @@ def test_loss_ignores_padding():
     head = _head().eval()
     codes = torch.randn(2, 3, 4)
     ids = torch.tensor([[0, 1, 2, 3, PAD, PAD], [0, 5, 4, 3, 2, PAD]])
-    ref = head.loss(codes, ids, PAD)
+    ref = head.loss(codes, ids)
     # Removing the padded tail changes nothing either: the loss covers real tokens only.
-    short = head.loss(codes[:1], ids[:1, :4], PAD)
-    full = head.loss(codes[:1], ids[:1], PAD)
+    short = head.loss(codes[:1], ids[:1, :4])
+    full = head.loss(codes[:1], ids[:1])
     torch.testing.assert_close(short, full)
     assert torch.isfinite(ref)
 
@@ -46,13 +46,13 @@ def test_head_learns_to_caption_codes():
     codes = torch.randn(2, 3, 4)
     ids = torch.tensor([[0, 1, 2, 3, 8, PAD], [0, 1, 6, 3, 8, PAD]])
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    before = head.token_accuracy(codes, ids, PAD)
+    before = head.token_accuracy(codes, ids)
     for _ in range(150):
-        loss = head.loss(codes, ids, PAD)
+        loss = head.loss(codes, ids)
         opt.zero_grad()
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
-    assert head.token_accuracy(codes, ids, PAD) == 1.0 > before
+    assert head.token_accuracy(codes, ids) == 1.0 > before
     # Greedy decoding writes each pattern's caption and stops at EOS (8).
     assert head.generate(codes, bos_id=0, eos_id=8, max_len=6).tolist() == [[0, 1, 2, 3, 8], [0, 1, 6, 3, 8]]

@@ -205,49 +205,50 @@ def test_hard_negative_bank_and_terms_in_both_stages(trained):
         _stage_cfg(root / "bad", 2, hard_negatives=-1)
 
 
+def _head_run(root: Path, out: Path, stage: int, term: str, **kw) -> tuple[dict, list[dict], float, float]:
+    """A 30-step run with a training-only head on: its metrics, loss rows, and the head term's mean
+    over the first and the last 3 steps."""
+    init = dict(vision_path=str(root / "clip/model")) if stage == 1 else dict(init_from=str(root / "s1/model"))
+    metrics = train_tokenizer(_stage_cfg(out, stage, steps=30, log_every=1, cache_dir=str(root / "cache"),
+                                         **init, **kw))
+    rows = [r for r in _rows(out / "log.jsonl") if "loss" in r]
+    first, last = (sum(r[term] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    return metrics, rows, first, last
+
+
+def _same_weights_as(saved_dir: Path, plain_dir: Path) -> bool:
+    """The saved tokenizer has exactly the plain one's weights (training-only heads dropped)."""
+    saved = SeedTokenizer.from_pretrained(saved_dir).own_state_dict()
+    return set(saved) == set(SeedTokenizer.from_pretrained(plain_dir).own_state_dict())
+
+
 def test_stage2_linear_readout_is_trained_and_dropped(trained, tmp_path):
     root, _, _ = trained
-    cfg = _stage_cfg(tmp_path / "ro", 2, init_from=str(root / "s1/model"), steps=30, log_every=1,
-                     readout_weight=1.0, cache_dir=str(root / "cache"))
-    train_tokenizer(cfg)
-    rows = [r for r in _rows(tmp_path / "ro/log.jsonl") if "loss" in r]
+    _, rows, first, last = _head_run(root, tmp_path / "ro", 2, "readout", readout_weight=1.0)
     assert len(rows) == 30 and all("readout" in r for r in rows)
     # The read-out term is optimised (measured over seeds 0-2: first-3 mean 6.5-9.1 → last-3 mean 5.2-5.6).
-    first, last = (sum(r["readout"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
     assert last < 0.9 * first, (first, last)
-    saved = SeedTokenizer.from_pretrained(tmp_path / "ro/model").own_state_dict()
-    plain = SeedTokenizer.from_pretrained(root / "s2/model").own_state_dict()
-    assert set(saved) == set(plain)  # the head is training-only
+    assert _same_weights_as(tmp_path / "ro/model", root / "s2/model")  # the head is training-only
 
 
 def test_stage2_caption_head_is_trained_scored_and_dropped(trained, tmp_path):
     root, _, _ = trained
-    cfg = _stage_cfg(tmp_path / "cap", 2, init_from=str(root / "s1/model"), steps=30, log_every=1,
-                     hard_negatives=0, caption_weight=1.0, cache_dir=str(root / "cache"))
-    metrics = train_tokenizer(cfg)
-    rows = [r for r in _rows(tmp_path / "cap/log.jsonl") if "loss" in r]
+    metrics, rows, first, last = _head_run(root, tmp_path / "cap", 2, "caption", hard_negatives=0,
+                                           caption_weight=1.0)
     assert len(rows) == 30 and all("caption" in r for r in rows)
-    first, last = (sum(r["caption"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
     assert last < 0.7 * first, (first, last)
     # Teacher-forced token accuracy on the validation codes: well above a uniform guess over the
     # CLIP vocabulary (the Shapes captions share most tokens, so even 30 steps get most of them).
     assert 0.3 < metrics["caption_token_acc"] <= 1.0
-    saved = SeedTokenizer.from_pretrained(tmp_path / "cap/model").own_state_dict()
-    plain = SeedTokenizer.from_pretrained(root / "s2/model").own_state_dict()
-    assert set(saved) == set(plain)  # the head is training-only
+    assert _same_weights_as(tmp_path / "cap/model", root / "s2/model")  # the head is training-only
     with pytest.raises(Exception, match="caption_weight"):
         _stage_cfg(root / "bad", 2, caption_weight=-1.0)
 
 
 def test_stage1_caption_head_trains_the_qformer(trained, tmp_path):
     root, _, _ = trained
-    cfg = _stage_cfg(tmp_path / "cap1", 1, vision_path=str(root / "clip/model"), steps=30, log_every=1,
-                     hard_negatives=0, caption_weight=1.0, cache_dir=str(root / "cache"))
-    metrics = train_tokenizer(cfg)
-    rows = [r for r in _rows(tmp_path / "cap1/log.jsonl") if "loss" in r]
-    first, last = (sum(r["caption"] for r in part) / 3 for part in (rows[:3], rows[-3:]))
+    metrics, _, first, last = _head_run(root, tmp_path / "cap1", 1, "caption", hard_negatives=0,
+                                        caption_weight=1.0)
     assert last < 0.7 * first, (first, last)
     assert {"caption_token_acc", "caption_strict", "t2i_R@1"} <= set(metrics)
-    saved = SeedTokenizer.from_pretrained(tmp_path / "cap1/model").own_state_dict()
-    plain = SeedTokenizer.from_pretrained(root / "s1/model").own_state_dict()
-    assert set(saved) == set(plain)
+    assert _same_weights_as(tmp_path / "cap1/model", root / "s1/model")
