@@ -3,6 +3,8 @@ codebooks that stay identical across torch.distributed ranks."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -167,6 +169,11 @@ def _dist_worker(rank: int, world: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: even after the barrier, gloo's background thread
+    # sometimes met C++ static destruction at exit and aborted the finished worker ("terminate
+    # called without an active exception", SIGABRT; 1 clean-clone run in ~10). The results are
+    # already on disk, so a plain exit code 0 is all the parent needs.
+    os._exit(0)
 
 
 def test_codebooks_stay_identical_across_ranks(tmp_path):
