@@ -82,8 +82,8 @@ class Stage:
 #: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        # Timed on an idle 2-core machine (2 workers): clip 340 s ‖ vae, then tokenizer 260 s → llm
-        # 220 s ‖ decoder, eval ≈ 45 s — 14.5 min in all. The vae and decoder steps fill the time their
+        # Timed on an idle 2-core machine (2 workers): clip 326 s ‖ vae 288 s, then tokenizer 250 s →
+        # llm 222 s ‖ decoder 393 s, eval 35 s — 13 min 56 s in all. The vae and decoder steps fill the time their
         # parallel partners (clip; tokenizer + llm) take anyway.
         "clip": {"steps": 300, "cf_steps": 60, "n_train": 20000},
         "stage1": {"steps": 150, "n_train": 20000, "lr": 1e-3},
