@@ -98,8 +98,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # pair's relation from the codes (README: "The LLM"); stage 1 needs the longer schedule.
         "stage1": {"steps": 1000, "n_train": 30000, "lr": 1e-3, "caption_weight": 2.0},
         "stage2": {"steps": 1000, "n_train": 30000, "caption_weight": 4.0},
-        "vae": {"vae_steps": 1500, "n_train": 20000},
-        "decoder": {"steps": 10000, "n_train": 40000},
+        # The decoder-only steps sharpen the autoencoder's pictures (reconstructions 0.91 → 1.00 strict);
+        # the UNet gains with steps: true-embedding strict 0.64 at 10k, 0.67 at 16k, 0.71 at 30k.
+        "vae": {"vae_steps": 1500, "vae_decoder_steps": 1500, "n_train": 20000},
+        "decoder": {"steps": 30000, "n_train": 40000},
         "llm": {"steps": 3000, "n_train": 30000, "seq_len": 256, "micro_batch": 16, "embed_init": "codebook"},
     },
 }

@@ -94,6 +94,53 @@ def test_vae_only_run_then_decoder_reuses_that_autoencoder(clip_dir, tmp_path):
         train_decoder(tiny_cfg(tmp_path / "x", clip_dir, vae=str(tmp_path / "missing")))
 
 
+def _vae_parts(vae_dir: Path) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    w = load_file(str(vae_dir / "diffusion_pytorch_model.safetensors"))
+    enc = {k: v for k, v in w.items() if k.startswith(("encoder.", "quant_conv."))}
+    return enc, {k: v for k, v in w.items() if k not in enc}
+
+
+def _recon_loss(vae_dir: Path, images: np.ndarray) -> float:
+    from diffusers import AutoencoderKL
+
+    from train_scripts.train_decoder import pixels_pm1
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    with torch.no_grad():
+        x = pixels_pm1(images)
+        return float((vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean())
+
+
+def test_decoder_only_steps_sharpen_a_given_autoencoder_without_moving_its_latents(clip_dir, tmp_path):
+    """--vae DIR with vae_decoder_steps: OUT/vae is DIR with the same encoder (so latents, and a UNet
+    trained on them, stay valid) and a decoder that reconstructs better; DIR itself is untouched."""
+    from data_pipelines.shapes_arrays import load_shapes_arrays
+
+    src_run = tmp_path / "src"
+    train_decoder(tiny_cfg(src_run, "", vae_only=True, vae_steps=6))
+    src = src_run / "vae"
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    run = tmp_path / "sharp"
+    train_decoder(tiny_cfg(run, "", vae_only=True, vae=str(src), vae_steps=0, vae_decoder_steps=40,
+                           vae_decoder_lr=2e-3, ckpt_every=100))
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+    (enc0, dec0), (enc1, dec1) = _vae_parts(src), _vae_parts(run / "vae")
+    assert enc0.keys() == enc1.keys() and all(torch.equal(enc0[k], enc1[k]) for k in enc0)
+    assert any(not torch.equal(dec0[k], dec1[k]) for k in dec0)
+    images = load_shapes_arrays(SHAPES32, "train", 48, cache_dir=run / "cache", progress=False).images[:16]
+    assert _recon_loss(run / "vae", images) < 0.9 * _recon_loss(src, images)
+    # A decoder run that reuses the sharpened autoencoder trains no other (and the joint + decoder-only
+    # schedule of a fresh autoencoder runs both phases over one step counter).
+    fresh = tmp_path / "fresh"
+    train_decoder(tiny_cfg(fresh, "", vae_only=True, vae_steps=3, vae_decoder_steps=3))
+    logged = [json.loads(line)["step"] for line in (fresh / "vae_log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ConfigError, match="vae_decoder_steps"):
+        train_decoder(tiny_cfg(tmp_path / "bad", "", vae_only=True, vae_decoder_steps=-1))
+
+
 def test_unet_learns_on_a_fixed_batch():
     """A few AdamW steps on one batch cut the v-prediction loss: the condition → UNet → loss path trains."""
     from seedtok.unclip import build_noising, build_schedulers, build_unet, class_labels
