@@ -124,6 +124,7 @@ def _register_caption(sub: argparse._SubParsersAction) -> None:
 
 def _register_t2i(sub: argparse._SubParsersAction) -> None:
     """``seed eval t2i``: generate images for Shapes prompts (GenEval layout) and score them exactly."""
+    from eval.t2i_eval import DEFAULT_GUIDANCE, DEFAULT_TEMPERATURE  # light: PIL, tqdm only
     p = sub.add_parser(
         "t2i",
         help="generate images for held-out prompts (GenEval layout) and score them: attributes, strict, CLIP score",
@@ -141,8 +142,10 @@ def _register_t2i(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default=None, metavar="DIR", help="local CLIP directory for the CLIP score")
     p.add_argument("--samples", type=int, default=1, help="images per prompt (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default: 1.0 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale, 1 = off (default: {DEFAULT_GUIDANCE})")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature (default: {DEFAULT_TEMPERATURE})")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default: 0)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding of the image codes instead of sampling")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
