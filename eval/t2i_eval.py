@@ -42,7 +42,7 @@ METRICS_FILE = "t2i_metrics.json"
 SCORES_FILE = "t2i_scores.jsonl"
 # Sampling defaults of the image codes, chosen on the validation split (300 scenes, the full preset's
 # chat model): temperature 1 / guidance off 0.560 strict, greedy 0.577, temperature 0.7 0.577,
-# temperature 1 + guidance 2 0.610, temperature 0.7 + guidance 2 0.623, guidance 3 0.590.
+# temperature 1 + guidance 2 0.610, temperature 0.7 + guidance 2 0.623, temperature 0.7 + guidance 3 0.590.
 DEFAULT_TEMPERATURE = 0.7
 DEFAULT_GUIDANCE = 2.0
 _INDEX = re.compile(r"^\d{5}$")
