@@ -69,6 +69,13 @@ class DecoderTrainConfig(ConfigBase):
     clip: str = option("", help="stage-0 CLIP directory: the embedding space the decoder is conditioned on")
     tokenizer: str = option("", help="a SEED tokenizer directory to attach the decoder to (as image_decoder/) "
                                      "and to score the image → codes → image round trip with")
+    init_decoder: str = option("", help="start the UNet from this decoder's weights (a directory written by an "
+                                        "earlier run: OUT/decoder, or its unet/ folder) — fine-tuning; the "
+                                        "settings that shape the UNet must match it")
+    tokenizer_condition_fraction: float = option(
+        0.0, help="fraction of training rows conditioned on the embedding --tokenizer decodes from the image's "
+                  "own codes (image → codes → embedding) instead of its CLIP embedding: the UNet learns to paint "
+                  "what the tokenizer hands it (round trip, text → image); 0 = CLIP embeddings only")
     shapes: ShapesConfig = option(default_factory=ShapesConfig, help="Shapes world generator settings")
     n_train: int = option(20000, help="training scenes rendered once and reused")
     n_eval: int = option(500, help="test-split scenes decoded and scored at the end")
@@ -153,6 +160,32 @@ def clip_embeddings(clip_dir: str | Path, images: np.ndarray, batch: int = 500, 
         pil = [Image.fromarray(a) for a in images[s:s + batch]]
         out.append(tower.image_embeds(tower.preprocess(pil)).float())
     return torch.cat(out)
+
+
+def tokenizer_embeddings(tokenizer_dir: str | Path, images: np.ndarray, batch: int = 500,
+                         progress: bool = False) -> torch.Tensor:
+    """uint8 ``(n, S, S, 3)`` → the embeddings a SEED tokenizer decodes from the images' own codes ``(n, E)``."""
+    from PIL import Image
+
+    from seedtok.tokenizer import SeedTokenizer
+
+    tok = SeedTokenizer.from_pretrained(tokenizer_dir, load_image_decoder=False)
+    out = []
+    for s in tqdm(range(0, len(images), batch), desc="tokenizer embeddings", disable=not progress, leave=False):
+        pil = [Image.fromarray(a) for a in images[s:s + batch]]
+        out.append(tok.decode_embedding(tok.encode(pil)).float().cpu())
+    return torch.cat(out)
+
+
+def _decoder_unet_state(path: Path) -> dict[str, torch.Tensor]:
+    """The UNet weights of a saved decoder directory (``DIR/unet/*.safetensors``) or of a ``unet/`` folder."""
+    from safetensors.torch import load_file
+
+    for folder in (path / "unet", path):
+        files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+        if files:
+            return load_file(str(files[0]))
+    raise CheckpointError(f"{path}: no UNet weights (expected unet/diffusion_pytorch_model.safetensors)")
 
 
 def _cached(path: Path, compute) -> torch.Tensor:
@@ -342,6 +375,10 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
         return train_autoencoder(cfg)
     if not cfg.clip:
         raise ConfigError("--clip is required: the stage-0 CLIP directory whose image embeddings the decoder paints")
+    if not 0.0 <= cfg.tokenizer_condition_fraction <= 1.0:
+        raise ConfigError(f"tokenizer_condition_fraction must be in [0, 1], got {cfg.tokenizer_condition_fraction}")
+    if cfg.tokenizer_condition_fraction > 0 and not cfg.tokenizer:
+        raise ConfigError("tokenizer_condition_fraction > 0 needs --tokenizer (whose codes' embeddings condition the UNet)")
     if cfg.zero_snr and cfg.prediction_type != "v_prediction":
         raise ConfigError("zero_snr needs prediction_type v_prediction")
     info = init_distributed(cfg.device)
@@ -364,6 +401,10 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
         if load_config(cfg.tokenizer).embed_dim != E:
             raise ConfigError(f"{cfg.tokenizer} predicts {load_config(cfg.tokenizer).embed_dim}-d embeddings but "
                               f"{cfg.clip} gives {E}-d ones: train the decoder on the tokenizer's CLIP")
+    emb_tok = None
+    if cfg.tokenizer_condition_fraction > 0:
+        emb_tok = _cached(cache / f"tokenizer_embeds_train_{cfg.n_train}_{_fingerprint(Path(cfg.tokenizer))}.pt",
+                          lambda: tokenizer_embeddings(cfg.tokenizer, train.images, progress=progress))
 
     # 2. VAE, 3. latents
     vae = train_vae(cfg, train, info, precision, out, progress)
@@ -381,6 +422,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
     unet = build_unet(embed_dim=E, in_channels=c, sample_size=h, block_out_channels=cfg.unet_block_out_channels,
                       layers_per_block=cfg.unet_layers_per_block, attention_levels=cfg.unet_attention_levels,
                       scale_shift=cfg.scale_shift, cross_attention_dim=text_width).to(info.device)
+    if cfg.init_decoder:
+        load_state_strict(unet, _decoder_unet_state(Path(cfg.init_decoder)), f"{cfg.init_decoder} (init_decoder)")
     train_sched, sample_sched = build_schedulers(prediction_type=cfg.prediction_type, rescale_zero_snr=cfg.zero_snr,
                                                  sampler=cfg.sampler)
     normalizer, noising = build_noising(embed_mean=emb_train.mean(0), embed_std=emb_train.std(0))
@@ -423,7 +466,11 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
     unet.train()
     for step in bar:
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-        z0, emb = latents[idx].to(info.device), emb_train[idx].to(info.device)
+        emb = emb_train[idx]
+        if emb_tok is not None:
+            swap = torch.rand(cfg.batch_size, generator=gen) < cfg.tokenizer_condition_fraction
+            emb = torch.where(swap[:, None], emb_tok[idx], emb)
+        z0, emb = latents[idx].to(info.device), emb.to(info.device)
         if cfg.max_noise_level > 0:
             levels = torch.randint(0, cfg.max_noise_level, (cfg.batch_size,), generator=gen)
         else:

@@ -236,6 +236,59 @@ def chat_model_dir(clip_dir, tmp_path_factory) -> Path:
     return root
 
 
+def test_fine_tune_from_a_decoder_on_the_tokenizer_s_own_embeddings(clip_dir, chat_model_dir, tmp_path, monkeypatch):
+    """init_decoder starts the UNet from a saved decoder; tokenizer_condition_fraction conditions training
+    rows on the embedding the tokenizer decodes from each image's own codes instead of its CLIP one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import seedtok.unclip as unclip
+    from data_pipelines.shapes_arrays import load_shapes_arrays
+    from train_scripts.train_decoder import clip_embeddings, tokenizer_embeddings
+
+    base = tmp_path / "base"
+    train_decoder(tiny_cfg(base, clip_dir))
+    tok = tmp_path / "tok"
+    shutil.copytree(chat_model_dir / "seed_tokenizer", tok)
+    images = load_shapes_arrays(SHAPES32, "train", 48, progress=False).images
+    want_tok, want_clip = tokenizer_embeddings(tok, images), clip_embeddings(clip_dir, images)
+    assert want_tok.shape == want_clip.shape == (48, 8)
+    assert not torch.allclose(want_tok, want_clip, atol=1e-3)
+
+    seen: list[torch.Tensor] = []
+    real = unclip.class_labels
+    monkeypatch.setattr(unclip, "class_labels", lambda emb, *a, **k: (seen.append(emb.clone()), real(emb, *a, **k))[1])
+
+    def rows_from(table: torch.Tensor) -> bool:  # every conditioning row is one of the table's rows
+        got = torch.cat(seen)
+        dist = torch.cdist(got, table, compute_mode="donot_use_mm_for_euclid_dist")
+        return bool((dist.min(1).values < 1e-4).all())
+
+    # Learning rate 0: the fine-tuned decoder keeps the initial UNet exactly — it did start from it.
+    run = tmp_path / "ft"
+    train_decoder(tiny_cfg(run, clip_dir, init_decoder=str(base / "decoder"), vae=str(base / "vae"), vae_steps=0,
+                           tokenizer=str(tok), tokenizer_condition_fraction=1.0, lr=0.0, steps=3, sample_every=0))
+    start = load_file(str(base / "decoder" / "unet" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(run / "decoder" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    assert len(seen) == 3 and rows_from(want_tok) and not rows_from(want_clip)
+    assert (tok / "image_decoder" / "unet").is_dir()  # attached to the tokenizer, as without fine-tuning
+
+    seen.clear()  # fraction 0: CLIP embeddings only
+    train_decoder(tiny_cfg(tmp_path / "plain", clip_dir, vae=str(base / "vae"), vae_steps=0, steps=2,
+                           sample_every=0))
+    assert rows_from(want_clip) and not rows_from(want_tok)
+
+    with pytest.raises(ConfigError, match="needs --tokenizer"):
+        train_decoder(tiny_cfg(tmp_path / "x", clip_dir, tokenizer_condition_fraction=0.5))
+    with pytest.raises(ConfigError, match=r"in \[0, 1\]"):
+        train_decoder(tiny_cfg(tmp_path / "x", clip_dir, tokenizer=str(tok), tokenizer_condition_fraction=1.5))
+    with pytest.raises(CheckpointError, match="no UNet weights"):
+        train_decoder(tiny_cfg(tmp_path / "y", clip_dir, init_decoder=str(tmp_path / "missing"),
+                               vae=str(base / "vae"), vae_steps=0))
+
+
 def _reconstruct_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_reconstruct_arguments(parser)
