@@ -2,9 +2,11 @@
 
 Each stage writes into ``OUT/<stage>/`` and finishes by writing ``OUT/<stage>/DONE.json`` (its
 metrics and the hash of the config it ran with). Re-running the demo skips every stage whose
-marker matches the current config, so an interrupted demo picks up where it stopped and a
-finished one only re-renders the report. A stage is also re-run when a stage whose outputs it
-reads re-ran (``needs``: the hashes chain).
+marker matches the current config, so an interrupted demo picks up where it stopped (a stage
+resumes from its checkpoints) and a finished one only re-renders the report. A stage is also re-run
+when a stage whose outputs it reads re-ran (``needs``: the hashes chain); a stage re-run because its
+settings or its inputs changed starts from an empty directory (``STARTED.json`` records the hash
+it was started with), never from checkpoints of the earlier settings.
 
 Stages (``needs`` in brackets):
 
@@ -15,7 +17,9 @@ Stages (``needs`` in brackets):
 4. ``tokenizer`` [clip] — stages 1 and 2 of the SEED tokenizer, scored on the ``test`` split.
 5. ``decoder`` [clip, vae] — the unCLIP UNet conditioned on the CLIP image embedding.
 6. ``llm`` [tokenizer] — the tiny LLaMA with image tokens (train_scripts/train_llm.py).
-7. ``eval`` [data, clip, tokenizer, decoder, llm] — assembles the chat-model directory
+7. ``refine`` [clip, tokenizer, decoder] — when the preset gives it steps (``full``): the decoder's UNet
+   fine-tuned on half CLIP embeddings, half the embeddings the tokenizer decodes from the images' codes.
+8. ``eval`` [data, clip, tokenizer, decoder, llm, refine] — assembles the chat-model directory
    ``OUT/model`` (LLM + SEED tokenizer + image decoder: everything ``seed chat`` needs) and scores
    it: captions, text-to-image (test and compositional), tokenizer and round trip.
 
@@ -58,7 +62,7 @@ class DemoConfig(ConfigBase):
     schedule: dict[str, dict[str, Any]] = option(
         default_factory=dict,
         help="per-stage overrides of the preset's schedule, e.g. {clip: {steps: 300}, llm: {steps: 500}} "
-             "(stages: clip, stage1, stage2, vae, decoder, llm; keys: that stage's recipe config fields)",
+             "(stages: clip, stage1, stage2, vae, decoder, refine, llm; keys: that stage's recipe config fields)",
     )
     workers: int = option(2, help="stages run side by side, each in its own one-thread process (1 = one after "
                                   "another in this process)")
@@ -177,6 +181,37 @@ def _stage_decoder(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     return train_decoder(dec_cfg)
 
 
+def _stage_refine(cfg: DemoConfig, out: Path) -> dict[str, Any]:
+    """Fine-tune the decoder's UNet on a mix of CLIP embeddings and the embeddings the tokenizer decodes
+    from each image's own codes — what it is handed in a round trip and in text → image. Runs only when
+    the preset has ``refine`` steps; otherwise the decoder is used as trained."""
+    from train_scripts.train_decoder import DecoderTrainConfig, train_decoder
+
+    refine = _schedule(cfg, "refine")
+    if not refine.get("steps"):
+        return {"skipped": True}
+    root = Path(cfg.out)
+    decoder = root / "decoder" / "decoder"
+    # A copy of the tokenizer: the recipe attaches the decoder it writes to the tokenizer it is given.
+    tokenizer = out / "tokenizer"
+    if tokenizer.exists():
+        shutil.rmtree(tokenizer)
+    shutil.copytree(root / "tokenizer" / "stage2" / "model", tokenizer)
+    # The UNet's shape and training data (hence its embedding normaliser) are the decoder stage's.
+    settings = {**_schedule(cfg, "decoder"), "tokenizer_condition_fraction": 0.5, "warmup": 100, **refine}
+    ft_cfg = DecoderTrainConfig.from_dict(dict(
+        settings, out=str(out), clip=str(root / "clip" / "model"), vae=str(decoder / "vae"), vae_steps=0,
+        vae_decoder_steps=0, init_decoder=str(decoder), tokenizer=str(tokenizer), shapes=cfg.shapes().to_dict(),
+        seed=cfg.seed, progress=cfg.progress, n_eval=min(cfg.n_round_trip, 500)))
+    return train_decoder(ft_cfg)
+
+
+def _final_decoder(root: Path) -> Path:
+    """The refined decoder when the refine stage ran, else the decoder stage's."""
+    refined = root / "refine" / "decoder"
+    return refined if refined.is_dir() else root / "decoder" / "decoder"
+
+
 def _stage_llm(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from train_scripts.train_llm import LLMTrainConfig, train_llm
 
@@ -208,7 +243,7 @@ def _stage_eval(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     from eval.tokenizer_eval import run_tokenizer_eval
 
     root = Path(cfg.out)
-    model = assemble_chat_model(root / "llm" / "model", root / "decoder" / "decoder", root / "model")
+    model = assemble_chat_model(root / "llm" / "model", _final_decoder(root), root / "model")
     clip = root / "clip" / "model"
     common = dict(shapes=cfg.shapes(), progress=cfg.progress)
     return {
@@ -233,8 +268,10 @@ STAGES: list[Stage] = [
     Stage("decoder", _stage_decoder, ("seed", "image_size", "held_out", "preset", "n_round_trip"),
           needs=("clip", "vae")),
     Stage("llm", _stage_llm, ("seed", "image_size", "held_out", "preset"), needs=("tokenizer",)),
+    Stage("refine", _stage_refine, ("seed", "image_size", "held_out", "preset", "n_round_trip"),
+          needs=("clip", "tokenizer", "decoder")),
     Stage("eval", _stage_eval, ("seed", "image_size", "held_out", "n_test", "n_compositional", "n_round_trip"),
-          needs=("data", "clip", "tokenizer", "decoder", "llm")),
+          needs=("data", "clip", "tokenizer", "decoder", "llm", "refine")),
 ]
 
 
@@ -243,7 +280,7 @@ STAGES: list[Stage] = [
 # ---------------------------------------------------------------------------------------------
 def _stage_hash(cfg: DemoConfig, stage: Stage, upstream: str) -> str:
     """Hash of what a stage depends on: its config fields, its preset schedule and the stages it reads."""
-    recipes = ("stage1", "stage2") if stage.name == "tokenizer" else (stage.name,)
+    recipes = {"tokenizer": ("stage1", "stage2"), "refine": ("decoder", "refine")}.get(stage.name, (stage.name,))
     sched = {k: _schedule(cfg, k) for k in recipes}
     blob = json.dumps({"cfg": {k: cfg.to_dict()[k] for k in stage.depends}, "up": upstream, "schedule": sched},
                       sort_keys=True, default=str)
@@ -260,6 +297,19 @@ def _run_stage(name: str, cfg_dict: dict[str, Any], sdir: str, threads: int) -> 
     stage = next(s for s in STAGES if s.name == name)
     Path(sdir).mkdir(parents=True, exist_ok=True)
     return stage.run(cfg, Path(sdir))
+
+
+def _prepare_stage_dir(sdir: Path, want: str, fresh: bool = False) -> None:
+    """Start a stage's directory: kept when it was started with the same settings (an interrupted run
+    resumes from its checkpoints), wiped when those settings or a stage it reads changed since — its
+    checkpoints belong to another run (e.g. an LLM trained on an older tokenizer's codes) — or when
+    ``fresh`` (``--force``)."""
+    started = sdir / "STARTED.json"
+    stale = not started.is_file() or json.loads(started.read_text()).get("hash") != want
+    if sdir.exists() and (fresh or stale):
+        shutil.rmtree(sdir)
+    sdir.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(started, {"hash": want})
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -302,11 +352,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     if cfg.workers <= 1:
         for stage in todo:
             log(f"[{number[stage.name]}/{n}] {stage.name}: running")
+            _prepare_stage_dir(out / stage.name, hashes[stage.name], cfg.force)
             t0 = time.perf_counter()
             finish(stage, _run_stage(stage.name, cfg.to_dict(), str(out / stage.name), threads=0),
                    time.perf_counter() - t0)
     else:
-        _run_parallel(cfg, todo, results, finish, log, number, n)
+        _run_parallel(cfg, todo, results, finish, log, number, n, hashes)
 
     metrics = {"preset": cfg.preset, "stages": results,
                "wall_seconds_this_run": round(time.perf_counter() - t_total, 2)}
@@ -319,7 +370,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     return metrics
 
 
-def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n) -> None:
+def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n,
+                  hashes: dict[str, str]) -> None:
     """Start every stage whose ``needs`` are finished, up to ``cfg.workers`` at a time, each in a
     fresh (spawned) one-thread process (the last stage, alone, gets ``cfg.workers`` threads); a failing
     stage stops the run with its error."""
@@ -339,6 +391,7 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
                 # every worker's thread; otherwise one thread each, so side-by-side stages never contend.
                 threads = cfg.workers if not running and not pending else 1
                 log(f"[{number[stage.name]}/{n}] {stage.name}: running")
+                _prepare_stage_dir(Path(cfg.out) / stage.name, hashes[stage.name], cfg.force)
                 fut = pool.submit(_run_stage, stage.name, cfg.to_dict(), str(Path(cfg.out) / stage.name), threads)
                 running[fut] = (stage, time.perf_counter())
             if not running:
@@ -377,6 +430,8 @@ def summarize(metrics: dict[str, Any]) -> dict[str, Any]:
         "tokenizer_t2i_R@1_from_codes": tok.get("t2i_R@1"),
         "vae_recon_strict": st.get("vae", {}).get("vae_recon_strict"),
         "decoder_true_embed_strict": dec.get("true_embed_strict"),
+        "refine_true_embed_strict": st.get("refine", {}).get("true_embed_strict"),
+        "refine_round_trip_strict": st.get("refine", {}).get("round_trip_strict"),
         "caption_strict": _strict(ev.get("caption", {}).get("attributes")),
         "t2i_strict": _strict(ev.get("t2i")),
         "t2i_compositional_strict": _strict(ev.get("t2i_compositional")),

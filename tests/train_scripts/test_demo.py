@@ -24,6 +24,7 @@ TINY = {
             "n_train": 64},
     "decoder": {"unet_block_out_channels": [16, 32], "unet_attention_levels": [False, True], "steps": 2,
                 "batch_size": 4, "n_train": 64, "num_inference_steps": 2, "sample_every": 0},
+    "refine": {"steps": 2},
     "llm": {"steps": 3, "n_train": 64, "n_val": 0, "preset": llm_tiny.tiny_preset().to_dict(),
             "text_vocab_size": 300, "seq_len": 128, "micro_batch": 2, "pack_window": 32, "tensorboard": False},
 }
@@ -43,7 +44,7 @@ def test_demo_runs_every_stage_side_by_side_then_reuses_them(tmp_path):
     out = tmp_path / "demo"
     # clip and vae need nothing: both started before either finished (side by side).
     order = [line for line in logs if line.endswith(": running") or "finished" in line]
-    assert order.index("[3/7] vae: running") < order.index(next(x for x in order if x.startswith("[2/7] clip: fin")))
+    assert order.index("[3/8] vae: running") < order.index(next(x for x in order if x.startswith("[2/8] clip: fin")))
     assert set(metrics["stages"]) == {s.name for s in demo.STAGES}
 
     data = metrics["stages"]["data"]["metrics"]
@@ -51,6 +52,13 @@ def test_demo_runs_every_stage_side_by_side_then_reuses_them(tmp_path):
     tok = metrics["stages"]["tokenizer"]["metrics"]["test"]
     assert 0 < tok["code_usage"] <= 1 and 0 <= tok["t2i_R@1"] <= 1
     assert 0 <= metrics["stages"]["decoder"]["metrics"]["true_embed_strict"] <= 1
+    # The refine stage fine-tuned the decoder from the decoder stage's UNet; the chat model paints with it.
+    refined = metrics["stages"]["refine"]["metrics"]
+    assert 0 <= refined["round_trip_strict"] <= 1 and 0 <= refined["true_embed_strict"] <= 1
+    unet = Path("unet") / "diffusion_pytorch_model.safetensors"
+    chat_unet = (out / "model" / "seed_tokenizer" / "image_decoder" / unet).read_bytes()
+    assert chat_unet == (out / "refine" / "decoder" / unet).read_bytes()
+    assert chat_unet != (out / "decoder" / "decoder" / unet).read_bytes()
     summary = metrics["summary"]
     for key in ("caption_strict", "t2i_strict", "t2i_compositional_strict", "round_trip_strict"):
         assert 0.0 <= summary[key] <= 1.0, key
@@ -67,10 +75,22 @@ def test_demo_runs_every_stage_side_by_side_then_reuses_them(tmp_path):
 
     # A changed setting a stage depends on invalidates its marker — and every stage that reads it.
     logs.clear()
+    (out / "llm" / "planted").write_text("x")
+    (out / "decoder" / "planted").write_text("x")
     changed = {**TINY, "stage2": {**TINY["stage2"], "steps": 4}}
     run_demo(cfg.replace(workers=1, schedule=changed), log=logs.append)
     reused = {line.split()[1].rstrip(":") for line in logs if "reusing" in line}
-    assert reused == {"data", "clip", "vae", "decoder"}
+    assert reused == {"data", "clip", "vae", "decoder"}  # refine reads the tokenizer: it re-ran
+    # A re-run stage starts afresh (no checkpoints trained on the old codes); a reused one is untouched.
+    assert not (out / "llm" / "planted").exists() and (out / "decoder" / "planted").exists()
+
+    # Without refine steps (the quick preset) the stage is skipped and the decoder is used as trained.
+    logs.clear()
+    plain = {k: v for k, v in changed.items() if k != "refine"}
+    metrics = run_demo(cfg.replace(workers=1, schedule=plain), log=logs.append)
+    assert metrics["stages"]["refine"]["metrics"] == {"skipped": True}
+    assert (out / "model" / "seed_tokenizer" / "image_decoder" / unet).read_bytes() == \
+        (out / "decoder" / "decoder" / unet).read_bytes()
 
 
 def test_demo_cli_rejects_bad_config(tmp_path, capsys):
