@@ -33,6 +33,7 @@ CLIP's projected image embedding (64-d, raw — the pipeline's image normaliser 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -70,8 +71,9 @@ class DecoderTrainConfig(ConfigBase):
     tokenizer: str = option("", help="a SEED tokenizer directory to attach the decoder to (as image_decoder/) "
                                      "and to score the image → codes → image round trip with")
     init_decoder: str = option("", help="start the UNet from this decoder's weights (a directory written by an "
-                                        "earlier run: OUT/decoder, or its unet/ folder) — fine-tuning; the "
-                                        "settings that shape the UNet must match it")
+                                        "earlier run: OUT/decoder, or its unet/ folder) — fine-tuning, on "
+                                        "that decoder's own autoencoder unless --vae is given; the settings "
+                                        "that shape the UNet must match it")
     tokenizer_condition_fraction: float = option(
         0.0, help="fraction of training rows conditioned on the embedding --tokenizer decodes from the image's "
                   "own codes (image → codes → embedding) instead of its CLIP embedding: the UNet learns to paint "
@@ -186,6 +188,14 @@ def _decoder_unet_state(path: Path) -> dict[str, torch.Tensor]:
         if files:
             return load_file(str(files[0]))
     raise CheckpointError(f"{path}: no UNet weights (expected unet/diffusion_pytorch_model.safetensors)")
+
+
+def _decoder_vae_dir(path: Path) -> Path:
+    """The autoencoder of a saved decoder directory (``DIR/vae``; ``DIR`` may also be its ``unet/`` folder)."""
+    for candidate in (path / "vae", path.parent / "vae"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ConfigError(f"--init-decoder {path}: no vae/ beside its UNet; pass --vae (the autoencoder it was trained on)")
 
 
 def _cached(path: Path, compute) -> torch.Tensor:
@@ -381,6 +391,9 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
         raise ConfigError("tokenizer_condition_fraction > 0 needs --tokenizer (whose codes' embeddings condition the UNet)")
     if cfg.zero_snr and cfg.prediction_type != "v_prediction":
         raise ConfigError("zero_snr needs prediction_type v_prediction")
+    if cfg.init_decoder and not cfg.vae:
+        # The UNet was trained on its decoder's latents: fine-tune it on the same autoencoder.
+        cfg = dataclasses.replace(cfg, vae=str(_decoder_vae_dir(Path(cfg.init_decoder))))
     info = init_distributed(cfg.device)
     precision = resolve_precision(cfg.precision, info.device)
     out = Path(cfg.out)

@@ -267,11 +267,15 @@ def test_fine_tune_from_a_decoder_on_the_tokenizer_s_own_embeddings(clip_dir, ch
 
     # Learning rate 0: the fine-tuned decoder keeps the initial UNet exactly — it did start from it.
     run = tmp_path / "ft"
-    train_decoder(tiny_cfg(run, clip_dir, init_decoder=str(base / "decoder"), vae=str(base / "vae"), vae_steps=0,
-                           tokenizer=str(tok), tokenizer_condition_fraction=1.0, lr=0.0, steps=3, sample_every=0))
+    train_decoder(tiny_cfg(run, clip_dir, init_decoder=str(base / "decoder"), tokenizer=str(tok),
+                           tokenizer_condition_fraction=1.0, lr=0.0, steps=3, sample_every=0))
     start = load_file(str(base / "decoder" / "unet" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(run / "decoder" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(start[k], after[k]) for k in start)
+    # ... and on the autoencoder it was trained with (no new one trained), which it carries along.
+    assert not (run / "vae").exists()
+    vae = Path("vae") / "diffusion_pytorch_model.safetensors"
+    assert (run / "decoder" / vae).read_bytes() == (base / "decoder" / vae).read_bytes()
     assert len(seen) == 3 and rows_from(want_tok) and not rows_from(want_clip)
     assert (tok / "image_decoder" / "unet").is_dir()  # attached to the tokenizer, as without fine-tuning
 
@@ -287,6 +291,8 @@ def test_fine_tune_from_a_decoder_on_the_tokenizer_s_own_embeddings(clip_dir, ch
     with pytest.raises(CheckpointError, match="no UNet weights"):
         train_decoder(tiny_cfg(tmp_path / "y", clip_dir, init_decoder=str(tmp_path / "missing"),
                                vae=str(base / "vae"), vae_steps=0))
+    with pytest.raises(ConfigError, match="no vae/ beside its UNet"):
+        train_decoder(tiny_cfg(tmp_path / "y", clip_dir, init_decoder=str(tmp_path / "missing")))
 
 
 def _reconstruct_args(argv: list[str]) -> argparse.Namespace:
