@@ -206,8 +206,7 @@ def _stage_refine(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     # The UNet's shape and training data (hence its embedding normaliser) are the decoder stage's.
     settings = {**_schedule(cfg, "decoder"), "tokenizer_condition_fraction": 1.0, "warmup": 100, **refine}
     ft_cfg = DecoderTrainConfig.from_dict(dict(
-        settings, out=str(out), clip=str(root / "clip" / "model"), vae=str(decoder / "vae"), vae_steps=0,
-        vae_decoder_steps=0, init_decoder=str(decoder), tokenizer=str(tokenizer), shapes=cfg.shapes().to_dict(),
+        settings, out=str(out), clip=str(root / "clip" / "model"), vae_decoder_steps=0, init_decoder=str(decoder), tokenizer=str(tokenizer), shapes=cfg.shapes().to_dict(),
         seed=cfg.seed, progress=cfg.progress, n_eval=min(cfg.n_round_trip, 500)))
     return train_decoder(ft_cfg)
 
@@ -347,6 +346,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                 log(f"[{number[stage.name]}/{n}] {stage.name}: done before ({done['seconds']:.1f} s), reusing")
                 results[stage.name] = done
                 continue
+        _prepare_stage_dir(out / stage.name, want, cfg.force)
         todo.append(stage)
 
     def finish(stage: Stage, metrics: dict[str, Any], seconds: float) -> None:
@@ -358,12 +358,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     if cfg.workers <= 1:
         for stage in todo:
             log(f"[{number[stage.name]}/{n}] {stage.name}: running")
-            _prepare_stage_dir(out / stage.name, hashes[stage.name], cfg.force)
             t0 = time.perf_counter()
             finish(stage, _run_stage(stage.name, cfg.to_dict(), str(out / stage.name), threads=0),
                    time.perf_counter() - t0)
     else:
-        _run_parallel(cfg, todo, results, finish, log, number, n, hashes)
+        _run_parallel(cfg, todo, results, finish, log, number, n)
 
     metrics = {"preset": cfg.preset, "stages": results,
                "wall_seconds_this_run": round(time.perf_counter() - t_total, 2)}
@@ -376,8 +375,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     return metrics
 
 
-def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n,
-                  hashes: dict[str, str]) -> None:
+def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n) -> None:
     """Start every stage whose ``needs`` are finished, up to ``cfg.workers`` at a time, each in a
     fresh (spawned) one-thread process (the last stage, alone, gets ``cfg.workers`` threads); a failing
     stage stops the run with its error."""
@@ -397,7 +395,6 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
                 # every worker's thread; otherwise one thread each, so side-by-side stages never contend.
                 threads = cfg.workers if not running and not pending else 1
                 log(f"[{number[stage.name]}/{n}] {stage.name}: running")
-                _prepare_stage_dir(Path(cfg.out) / stage.name, hashes[stage.name], cfg.force)
                 fut = pool.submit(_run_stage, stage.name, cfg.to_dict(), str(Path(cfg.out) / stage.name), threads)
                 running[fut] = (stage, time.perf_counter())
             if not running:
