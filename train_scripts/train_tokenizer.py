@@ -5,7 +5,9 @@ contrastive loss on its **last** causal query (the only one that has seen every 
 projected into the text embedding space of the frozen CLIP text tower (SEED: BLIP-2 text
 features, 256-d). Stage 2 (``--stage 2``) freezes the Q-Former and trains ``code_proj``, the
 quantizer and the embedding decoder with SEED's loss, ``5·VQ + 2·(1 − cos)`` to the Q-Former
-outputs ``+ 0.5·MSE`` to the unCLIP image embedding, plus the options of the 1D-tokenizer papers:
+outputs ``+ 0.5·MSE`` to the unCLIP image embedding (``--qformer-lr-scale`` also fine-tunes the
+Q-Former there, the stage-1 queries staying the reconstruction targets), plus the options of the
+1D-tokenizer papers:
 
 * nested dropout (FlexTok, arXiv:2502.13967): the decoder sees only a random prefix of the codes,
   so every prefix decodes to a usable embedding and early codes carry the coarse content;
@@ -125,6 +127,10 @@ class TokenizerTrainConfig(ConfigBase):
                                               "code vectors — BLIP-2's image-grounded generation objective), so "
                                               "the caption is readable token by token from the codes, as the "
                                               "LLM must read it; dropped on save; 0 = off")
+    qformer_lr_scale: float = option(0.0, help="stage 2: also train the Q-Former, at this fraction of --lr "
+                                               "(0 = frozen, as SEED); the stage-1 queries stay the "
+                                               "reconstruction targets, so the Q-Former may move what it "
+                                               "holds into a form the quantiser keeps")
     hard_negative_weight: float = option(1.0, help="weight of the focused term: stage 1's final query (stage 2's "
                                                    "decoded embedding) must pick its scene's caption over that "
                                                    "scene's hard negatives")
@@ -145,6 +151,10 @@ class TokenizerTrainConfig(ConfigBase):
             raise ConfigError("hard_negatives and hard_negative_weight must be >= 0")
         if self.caption_weight < 0 or self.readout_weight < 0:
             raise ConfigError("caption_weight and readout_weight must be >= 0")
+        if self.qformer_lr_scale < 0:
+            raise ConfigError(f"qformer_lr_scale must be >= 0, got {self.qformer_lr_scale}")
+        if self.qformer_lr_scale > 0 and self.stage != 2:
+            raise ConfigError("qformer_lr_scale is a stage-2 option (stage 1 always trains the Q-Former)")
         for name in ("nested_dropout", "corrupt_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -242,10 +252,13 @@ class Stage1Trainable(nn.Module):
 
 
 class Stage2Trainable(nn.Module):
-    """The parts stage 2 trains, wrapped so DDP sees one module: code_proj, quantizer, decoder."""
+    """The parts stage 2 trains, wrapped so DDP sees one module: code_proj, quantizer, decoder — and
+    the Q-Former when ``train_qformer`` (then ``forward`` takes ViT features instead of queries)."""
 
-    def __init__(self, tok: SeedTokenizer, readout_dim: int = 0, caption: nn.Module | None = None):
+    def __init__(self, tok: SeedTokenizer, readout_dim: int = 0, caption: nn.Module | None = None,
+                 train_qformer: bool = False):
         super().__init__()
+        self.qformer = tok.qformer if train_qformer else None
         self.code_proj = tok.code_proj
         self.quantizer = tok.quantizer
         self.decoder = tok.decoder
@@ -255,8 +268,12 @@ class Stage2Trainable(nn.Module):
 
     def forward(self, queries: torch.Tensor, cfg: TokenizerTrainConfig, gen: torch.Generator,
                 caption_ids: torch.Tensor | None = None):
-        """Returns ``(q, z, pred_queries, pred_embeds, heads)``; ``heads`` holds the training-only
-        heads' outputs (``readout``: (B, E); ``caption``: the captioning loss) when they exist."""
+        """``queries``: the frozen Q-Former's outputs (B, N, H), or the ViT features (B, T, C) when the
+        Q-Former trains here. Returns ``(q, z, pred_queries, pred_embeds, heads)``; ``heads`` holds
+        the training-only heads' outputs (``readout``: (B, E); ``caption``: the captioning loss) when
+        they exist."""
+        if self.qformer is not None:
+            queries = self.qformer(queries)
         z = self.code_proj(queries)  # (B, N, D)
         with torch.autocast(device_type=queries.device.type, enabled=False):
             q = self.quantizer(z.float())  # fp32 always
@@ -361,14 +378,24 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
         trainable.train()
     else:
         tok.qformer.requires_grad_(False).eval()
+        # The stage-1 queries: the decoder's reconstruction targets (and its inputs when frozen).
         bank.extra["queries"] = _frozen_queries(tok, bank.features, progress)
-        trainable = Stage2Trainable(tok, bank.text_embeds.shape[-1] if cfg.readout_weight > 0 else 0, head)
+        train_qformer = cfg.qformer_lr_scale > 0
+        if train_qformer:
+            tok.qformer.requires_grad_(True)
+        trainable = Stage2Trainable(tok, bank.text_embeds.shape[-1] if cfg.readout_weight > 0 else 0, head,
+                                    train_qformer=train_qformer)
         trainable.to(info.device).train()
     model = trainable
     if info.distributed:
         model = torch.nn.parallel.DistributedDataParallel(trainable, broadcast_buffers=False)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    qformer_params = ({id(p) for p in trainable.qformer.parameters()}
+                      if cfg.stage == 2 and trainable.qformer is not None else set())
+    groups = [{"params": [p for p in trainable.parameters() if p.requires_grad and id(p) not in qformer_params]}]
+    if qformer_params:
+        groups.append({"params": [p for p in trainable.qformer.parameters()], "lr": cfg.lr * cfg.qformer_lr_scale})
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     from train_scripts.runtime import warmup_cosine
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps))
@@ -407,7 +434,8 @@ def train_tokenizer(cfg: TokenizerTrainConfig) -> dict[str, float]:
                     logs["hard_negative"] = hn.item()
             else:
                 queries = bank.extra["queries"][idx].to(info.device).float()
-                q, z, pred_q, pred_e, heads = model(queries, cfg, gen, cap_ids)
+                inputs = bank.features[idx].to(info.device).float() if trainable.qformer is not None else queries
+                q, z, pred_q, pred_e, heads = model(inputs, cfg, gen, cap_ids)
                 cap = heads.get("caption")
                 parts = stage2_loss(vq_loss=q.loss, pred_queries=pred_q, target_queries=queries,
                                     pred_embeds=pred_e, target_embeds=bank.image_embeds[idx].to(info.device),

@@ -252,3 +252,30 @@ def test_stage1_caption_head_trains_the_qformer(trained, tmp_path):
     assert last < 0.7 * first, (first, last)
     assert {"caption_token_acc", "caption_strict", "t2i_R@1"} <= set(metrics)
     assert _same_weights_as(tmp_path / "cap1/model", root / "s1/model")
+
+
+def test_stage2_can_fine_tune_the_qformer_and_resumes_exactly(trained, tmp_path):
+    root, _, _ = trained
+    s1 = SeedTokenizer.from_pretrained(root / "s1/model").qformer.state_dict()
+
+    def qformer_moved(model_dir: Path) -> bool:
+        q = SeedTokenizer.from_pretrained(model_dir).qformer.state_dict()
+        return any(not torch.equal(q[k], s1[k]) for k in s1)
+
+    # Frozen by default (SEED): stage 2 saves stage 1's Q-Former bit for bit.
+    assert not qformer_moved(root / "s2/model")
+    common = dict(init_from=str(root / "s1/model"), steps=10, log_every=1, cache_dir=str(root / "cache"),
+                  hard_negatives=0, caption_weight=1.0, qformer_lr_scale=0.5)
+    full = train_tokenizer(_stage_cfg(tmp_path / "full", 2, **common))
+    assert qformer_moved(tmp_path / "full/model")
+    assert {"code_usage", "caption_token_acc", "t2i_R@1"} <= set(full)
+    # The Q-Former's weights and optimizer state are in the checkpoint: a cut run resumes to the same losses.
+    assert train_tokenizer(_stage_cfg(tmp_path / "cut", 2, stop_after=4, **common)) == {}
+    train_tokenizer(_stage_cfg(tmp_path / "cut", 2, **common))
+    a = [r["loss"] for r in _rows(tmp_path / "full/log.jsonl") if "loss" in r]
+    b = [r["loss"] for r in _rows(tmp_path / "cut/log.jsonl") if "loss" in r]
+    assert len(a) == 10 and b == pytest.approx(a, rel=1e-5)
+    with pytest.raises(Exception, match="qformer_lr_scale"):
+        _stage_cfg(root / "bad", 2, qformer_lr_scale=-0.1)
+    with pytest.raises(Exception, match="stage-2 option"):
+        _stage_cfg(root / "bad", 1, qformer_lr_scale=0.5)
