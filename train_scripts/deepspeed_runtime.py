@@ -8,7 +8,9 @@
   ``deepspeed.initialize`` themselves.
 * :func:`init_deepspeed_distributed` — joins the group a launcher (``deepspeed``, ``torchrun``) set
   up, or creates a one-process group, so a plain ``python`` run needs no environment variables.
-  gloo on CPU (DeepSpeed's CPU accelerator would otherwise ask for oneCCL), NCCL on GPU.
+  gloo on CPU (DeepSpeed's CPU accelerator would otherwise ask for oneCCL), NCCL on GPU. On CPU
+  it skips DeepSpeed's shared-memory all-reduce kernel (an inference-only C++ op JIT-built at every
+  group start) and clears torch-extension build locks that a killed build left behind.
 * :class:`DeepSpeedCheckpointer` — atomic, resumable checkpoints of a DeepSpeed engine.
 """
 
@@ -19,6 +21,8 @@ import json
 import os
 import shutil
 import socket
+import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -138,6 +142,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# A JIT build of a C++ op (DeepSpeed's CPU Adam, for instance) takes a minute or two here; a lock
+# file older than this was left by a build that was killed.
+STALE_BUILD_LOCK_SECONDS = 15 * 60
+
+
+def clear_stale_extension_locks(max_age: float = STALE_BUILD_LOCK_SECONDS) -> list[Path]:
+    """Remove torch-extension build locks older than ``max_age`` seconds; return what was removed.
+
+    ``torch.utils.cpp_extension`` guards each JIT build with a ``lock`` file in the extension's build
+    directory and waits, without a timeout, for it to disappear. A build killed mid-way (Ctrl-C,
+    an OOM kill, a machine restart) leaves the file behind, and every later run that needs the op
+    (DeepSpeed's CPU Adam for ``zero3_offload``) then hangs silently. torch has no stale-lock
+    handling, so we clear locks that no live build can still hold.
+    """
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed: list[Path] = []
+    now = time.time()
+    # <root>/<op>/lock with TORCH_EXTENSIONS_DIR, <root>/<py…_cpu|cu…>/<op>/lock by default.
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            if now - lock.stat().st_mtime > max_age:
+                lock.unlink()
+                removed.append(lock)
+                print(f"warning: removed a stale torch-extension build lock (left by a killed build): {lock}",
+                      file=sys.stderr)
+        except FileNotFoundError:  # released by its build meanwhile
+            continue
+    return removed
+
+
+def _skip_cpu_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce kernel on a CPU group.
+
+    DeepSpeed's torch backend compiles that C++ op every time a group starts on the CPU accelerator,
+    but only its inference all-reduce uses it; training all-reduces go through gloo. Skipping it
+    saves a compile (and the need for a compiler) and a build lock that could hang the run.
+    ``deepspeed.ops.__compatible_ops__`` is the table ``build_shm_op`` consults; it is computed once
+    and cached, and DeepSpeed skips ops marked incompatible there.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def init_deepspeed_distributed(device: str = "auto") -> DistInfo:
     """Join (``RANK``/``WORLD_SIZE`` from a launcher) or create (one process) a process group for DeepSpeed."""
     import deepspeed
@@ -147,6 +197,9 @@ def init_deepspeed_distributed(device: str = "auto") -> DistInfo:
         raise ConfigError("device 'cuda' requested but no CUDA device is available")
     backend = "nccl" if use_cuda else "gloo"
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    clear_stale_extension_locks()
+    if not use_cuda:
+        _skip_cpu_shm_comm_op()
     if not dist.is_initialized():
         if launched:
             os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
@@ -261,6 +314,6 @@ class DeepSpeedCheckpointer:
 
 
 __all__ = [
-    "DeepSpeedCheckpointer", "SHIPPED_CONFIGS", "auto_keys", "fill_auto", "init_deepspeed_distributed",
-    "load_ds_config", "shipped_config_path", "zero_stage",
+    "DeepSpeedCheckpointer", "SHIPPED_CONFIGS", "auto_keys", "clear_stale_extension_locks", "fill_auto",
+    "init_deepspeed_distributed", "load_ds_config", "shipped_config_path", "zero_stage",
 ]

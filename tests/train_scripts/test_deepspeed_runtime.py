@@ -105,3 +105,45 @@ def test_shipped_config_works_with_the_hf_trainer(tmp_path):
                           cwd=root, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "LOSS" in proc.stdout
+
+
+INIT_SCRIPT = """
+import os, sys
+for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+    os.environ.pop(k, None)
+import deepspeed.comm.comm as ds_comm
+from train_scripts.deepspeed_runtime import init_deepspeed_distributed
+info = init_deepspeed_distributed("cpu")
+print("GROUP", info.rank, info.world_size, ds_comm.cdb.shm_comm_op is None)
+"""
+
+
+def test_cpu_group_skips_the_shm_op_and_clears_a_killed_builds_lock(tmp_path):
+    """A build lock left by a killed JIT build hung every later DeepSpeed start (torch waits on it with
+    no timeout). Starting a CPU group clears a stale lock, leaves a live build's lock alone, and does
+    not JIT-build DeepSpeed's inference-only shared-memory op at all."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from train_scripts.deepspeed_runtime import STALE_BUILD_LOCK_SECONDS
+
+    ext = tmp_path / "torch_extensions"
+    stale, live = ext / "deepspeed_shm_comm" / "lock", ext / "cpu_adam" / "lock"
+    for lock in (stale, live):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "TORCH_EXTENSIONS_DIR": str(ext)}
+    proc = subprocess.run([sys.executable, "-c", INIT_SCRIPT], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GROUP 0 1 True" in proc.stdout
+    assert not stale.exists() and live.exists()
+    assert "stale torch-extension build lock" in proc.stderr
+    assert list((ext / "deepspeed_shm_comm").iterdir()) == []  # nothing was built
