@@ -7,7 +7,22 @@ module does — does not pay for torch.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
+
+
+class _DropHubKernelHint(logging.Filter):
+    """bitsandbytes, which transformers, peft and diffusers import when it is installed, logs on every
+    import on a CPU with AVX512-BF16 that it could not fetch an optional 4-bit kernel from the
+    Hugging Face Hub (through the ``kernels`` package) and asks to install that package. This toolkit
+    never downloads code or weights at run time and bitsandbytes falls back to its own kernel, so
+    that one message is dropped; the logger's other messages pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelHint())
 
 _EXPORTS = {
     "ImageCodes": "seedtok.types",

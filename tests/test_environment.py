@@ -29,3 +29,17 @@ def test_seed_cli_help_runs():
     assert out.returncode == 0, out.stderr
     for group in ("data", "eval", "demo"):
         assert group in out.stdout
+
+
+def test_bitsandbytes_hub_kernel_hint_is_dropped_and_nothing_else(caplog):
+    """The hint to install `kernels` (a Hub download at run time) is dropped once seedtok is imported;
+    other bitsandbytes warnings still reach the user."""
+    import logging
+
+    import seedtok  # noqa: F401 — installs the filter
+
+    log = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING):
+        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure …", "x")
+        log.warning("some other bitsandbytes problem")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes problem"]
