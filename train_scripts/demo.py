@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipelines.shapes import ShapesConfig
+from seedtok.errors import ConfigError
 from seedtok.schema import ConfigBase, option
 
 
@@ -120,6 +121,32 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 def _schedule(cfg: DemoConfig, name: str) -> dict[str, Any]:
     """The preset's settings for one recipe, with ``cfg.schedule``'s overrides on top."""
     return {**PRESETS[cfg.preset].get(name, {}), **cfg.schedule.get(name, {})}
+
+
+def _recipe_configs() -> dict[str, type[ConfigBase]]:
+    """The recipe config each schedule entry is made into."""
+    from train_scripts.train_clip import ClipTrainConfig
+    from train_scripts.train_decoder import DecoderTrainConfig
+    from train_scripts.train_llm import LLMTrainConfig
+    from train_scripts.train_tokenizer import TokenizerTrainConfig
+
+    return {"clip": ClipTrainConfig, "stage1": TokenizerTrainConfig, "stage2": TokenizerTrainConfig,
+            "vae": DecoderTrainConfig, "decoder": DecoderTrainConfig, "refine": DecoderTrainConfig,
+            "llm": LLMTrainConfig}
+
+
+def check_schedules(cfg: DemoConfig) -> None:
+    """Build every stage's recipe config from its schedule before anything runs, so that a mistyped
+    stage or key fails at once in one line — not when its stage starts, in the full preset an hour in."""
+    recipes = _recipe_configs()
+    unknown = sorted(set(cfg.schedule) - set(recipes))
+    if unknown:
+        raise ConfigError(f"unknown demo schedule stage '{unknown[0]}' (stages: {', '.join(recipes)})")
+    for name, recipe in recipes.items():
+        try:
+            recipe.from_dict(_schedule(cfg, name))
+        except ConfigError as e:
+            raise ConfigError(f"demo schedule for '{name}': {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +353,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run (or reuse) every stage, side by side where their inputs allow; write ``metrics.json``
     and ``report.html``; return the metrics."""
+    check_schedules(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "demo_config.yaml")

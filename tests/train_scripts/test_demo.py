@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from train_scripts import demo
 from train_scripts.cli import main
 from train_scripts.demo import DemoConfig, run_demo
@@ -99,3 +101,23 @@ def test_demo_cli_rejects_bad_config(tmp_path, capsys):
     assert main(["demo", "--config", str(bad), "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown DemoConfig key 'n_tset'") and "\n" not in err
+
+
+
+def test_every_preset_schedule_is_a_valid_recipe_config(tmp_path):
+    """A mistyped key would otherwise surface only when its stage starts — in the full preset, an
+    hour in: every preset's schedules build their recipe configs, and bad overrides fail up front."""
+    from seedtok.errors import ConfigError
+
+    for preset in demo.PRESETS:
+        demo.check_schedules(DemoConfig.from_dict(dict(out="x", preset=preset)))
+    # Bad overrides: refused before any stage directory is made.
+    out = tmp_path / "demo"
+    for schedule, message in (({"stage2": {"codebook": 8192}}, "stage2.*codebook"),
+                              ({"stage3": {"steps": 1}}, "unknown demo schedule stage 'stage3'"),
+                              ({"llm": {"steps": "many"}}, "llm.*steps")):
+        with pytest.raises(ConfigError, match=message):
+            run_demo(_cfg(tmp_path, schedule={**TINY, **schedule}), log=lambda _: None)
+        assert not out.exists()
+    assert main(["demo", "--out", str(out), "--schedule", "{stage3: {steps: 1}}"]) == 2
+    assert not out.exists()
