@@ -319,14 +319,13 @@ def _stage_hash(cfg: DemoConfig, stage: Stage, upstream: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _run_stage(name: str, cfg_dict: dict[str, Any], sdir: str, threads: int) -> dict[str, Any]:
+def _run_stage(stage: Stage, cfg_dict: dict[str, Any], sdir: str, threads: int) -> dict[str, Any]:
     """One stage, in a worker process (or in-process with ``threads=0``); returns its metrics."""
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
     cfg = DemoConfig.from_dict(cfg_dict)
-    stage = next(s for s in STAGES if s.name == name)
     Path(sdir).mkdir(parents=True, exist_ok=True)
     return stage.run(cfg, Path(sdir))
 
@@ -387,7 +386,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         for stage in todo:
             log(f"[{number[stage.name]}/{n}] {stage.name}: running")
             t0 = time.perf_counter()
-            finish(stage, _run_stage(stage.name, cfg.to_dict(), str(out / stage.name), threads=0),
+            finish(stage, _run_stage(stage, cfg.to_dict(), str(out / stage.name), threads=0),
                    time.perf_counter() - t0)
     else:
         _run_parallel(cfg, todo, results, finish, log, number, n)
@@ -403,17 +402,56 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     return metrics
 
 
+def _stage_process(conn: Any, stage: Stage, cfg_dict: dict[str, Any], sdir: str, threads: int) -> None:
+    """Body of a stage's worker process: run the stage, send back ``("ok", metrics)`` or
+    ``("error", exception, traceback text)``."""
+    import signal
+    import traceback
+
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it (it stops
+    # the stages it runs), so a stage never dies halfway through a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        metrics = _run_stage(stage, cfg_dict, sdir, threads)
+    except BaseException as e:  # noqa: BLE001 — handed to the parent, which re-raises it
+        text = traceback.format_exc()
+        try:
+            conn.send(("error", e, text))
+        except Exception:  # noqa: BLE001 — an exception that does not pickle
+            conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), text))
+        return
+    conn.send(("ok", metrics))
+
+
+class _StageFailed(RuntimeError):
+    """The traceback of a stage that failed in its worker process (the cause of the re-raised error)."""
+
+
 def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], finish, log, number, n) -> None:
     """Start every stage whose ``needs`` are finished, up to ``cfg.workers`` at a time, each in a
     fresh (spawned) one-thread process (the last stage, alone, gets ``cfg.workers`` threads); a failing
-    stage stops the run with its error."""
-    import multiprocessing as mp
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    stage stops the run with its error.
 
+    The processes are this function's own (not a ``ProcessPoolExecutor``'s, whose shutdown waits
+    for running work and whose workers cannot be stopped on Python 3.11): when the run stops — a
+    stage fails, Ctrl-C, or SIGTERM sent to this process alone — the stages still running are
+    terminated and reaped before the error propagates, so no stage outlives the command and keeps
+    writing into its directory. Their checkpoints are written atomically, so re-running resumes them.
+    """
+    import multiprocessing as mp
+    import signal
+    from multiprocessing.connection import wait
+
+    ctx = mp.get_context("spawn")
     pending = list(todo)
-    running: dict[Any, tuple[Stage, float]] = {}
-    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
+    running: dict[Any, tuple[Stage, Any, float]] = {}  # receiving end → (stage, process, start)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the cleanup below; the shell's exit code
+
+    in_main = _in_main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
+    try:
         while pending or running:
             for stage in [s for s in pending if all(d in results for d in s.needs)]:
                 if len(running) >= cfg.workers:
@@ -423,22 +461,53 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
                 # every worker's thread; otherwise one thread each, so side-by-side stages never contend.
                 threads = cfg.workers if not running and not pending else 1
                 log(f"[{number[stage.name]}/{n}] {stage.name}: running")
-                fut = pool.submit(_run_stage, stage.name, cfg.to_dict(), str(Path(cfg.out) / stage.name), threads)
-                running[fut] = (stage, time.perf_counter())
+                recv, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_stage_process, name=f"seed-demo-{stage.name}",
+                                   args=(send, stage, cfg.to_dict(), str(Path(cfg.out) / stage.name), threads))
+                proc.start()
+                send.close()  # the child holds the only writer: its death reads as end-of-file here
+                running[recv] = (stage, proc, time.perf_counter())
             if not running:
                 missing = sorted({d for s in pending for d in s.needs if d not in results})
                 raise RuntimeError(f"stages {[s.name for s in pending]} wait for {missing}, which never ran")
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                stage, t0 = running.pop(fut)
+            for recv in wait(list(running)):
+                stage, proc, t0 = running.pop(recv)
                 try:
-                    metrics = fut.result()
-                except BaseException:
-                    for other in running:
-                        other.cancel()
+                    reply = recv.recv()
+                except EOFError:
+                    proc.join()
+                    reply = ("error", RuntimeError(f"stage {stage.name}: its process died (exit code "
+                                                   f"{proc.exitcode}) — out of memory or killed?"), "")
+                finally:
+                    recv.close()
+                proc.join()
+                if reply[0] != "ok":
                     log(f"[{number[stage.name]}/{n}] {stage.name}: failed")
-                    raise
-                finish(stage, metrics, time.perf_counter() - t0)
+                    error, text = reply[1], reply[2]
+                    if text:
+                        raise error from _StageFailed(f"\n\nin the {stage.name} stage's process:\n{text}")
+                    raise error
+                finish(stage, reply[1], time.perf_counter() - t0)
+    finally:
+        for recv, (stage, proc, _) in running.items():
+            if proc.is_alive():
+                log(f"[{number[stage.name]}/{n}] {stage.name}: stopped (re-run to resume it)")
+                proc.terminate()
+        for recv, (stage, proc, _) in running.items():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            recv.close()
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    """Signal handlers can only be set from the main thread."""
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _strict(d: Any) -> float | None:

@@ -4,7 +4,9 @@ chat model and the report; finished stages are reused on re-runs."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,82 @@ def test_every_preset_schedule_is_a_valid_recipe_config(tmp_path):
         assert not out.exists()
     assert main(["demo", "--out", str(out), "--schedule", "{stage3: {steps: 1}}"]) == 2
     assert not out.exists()
+
+
+# --- the runner's processes: nothing outlives the command -------------------------------------
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import demo_stage_helpers as helpers  # noqa: E402 — module-level stage bodies the spawned processes import
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _wait_for(path: Path, seconds: float = 120) -> int:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text():
+            return int(path.read_text())
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never appeared")
+
+
+def test_a_failing_stage_stops_the_stage_beside_it_at_once(tmp_path):
+    cfg = DemoConfig.from_dict(dict(out=str(tmp_path), progress=False))
+    lines: list[str] = []
+    number = {"sleep": 1, "fail": 2, "die": 3, "quick": 4}
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match="boom in a stage") as err:
+        demo._run_parallel(cfg, [demo.Stage("sleep", helpers.sleeper, ()), demo.Stage("fail", helpers.failer, ())],
+                           {}, lambda *a: None, lines.append, number, 4)
+    assert time.monotonic() - t0 < 60  # not the sleeper's 600 s
+    assert "in the fail stage's process" in str(err.value.__cause__) and "failer" in str(err.value.__cause__)
+    assert _gone(int((tmp_path / "sleep" / "pid").read_text()))
+    assert "[2/4] fail: failed" in lines and "[1/4] sleep: stopped (re-run to resume it)" in lines
+
+    # A stage whose process is killed outright is an error naming it, not a hang.
+    (tmp_path / "sleep" / "pid").unlink()
+    with pytest.raises(RuntimeError, match=r"stage die: its process died \(exit code -9\)"):
+        demo._run_parallel(cfg, [demo.Stage("sleep", helpers.sleeper, ()), demo.Stage("die", helpers.dier, ())],
+                           {}, lambda *a: None, lines.append, number, 4)
+    assert _gone(int((tmp_path / "sleep" / "pid").read_text()))
+
+    # Metrics come back from the stage's process.
+    results: dict = {}
+    demo._run_parallel(cfg, [demo.Stage("quick", helpers.quick, ())], results,
+                       lambda stage, metrics, s: results.__setitem__(stage.name, metrics), lines.append, number, 4)
+    assert results == {"quick": {"value": 7}}
+
+
+@pytest.mark.parametrize("how", ["sigterm-to-the-command", "ctrl-c-to-the-terminal-group"])
+def test_stopping_the_command_stops_its_stages(tmp_path, how):
+    import signal
+    import subprocess
+
+    # This checkout's code (not whatever an installed copy holds), the helpers imported by name.
+    paths = [str(Path(__file__).resolve().parents[2]), str(Path(helpers.__file__).parent)]
+    code = f"import sys; sys.path[:0] = {paths!r}; import demo_stage_helpers; demo_stage_helpers.main({str(tmp_path)!r})"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        try:
+            pids = [_wait_for(tmp_path / name / "pid") for name in ("sleep", "sleep2")]
+        except AssertionError:
+            proc.kill()
+            raise AssertionError(proc.communicate()[1][-2000:]) from None
+        if how == "sigterm-to-the-command":
+            proc.send_signal(signal.SIGTERM)  # the command alone, as `kill PID` does
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # every process of the group, as Ctrl-C does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == (128 + signal.SIGTERM if how.startswith("sigterm") else 130), err
+    assert all(_gone(pid) for pid in pids)
+    assert "sleep: stopped (re-run to resume it)" in out and "sleep2: stopped" in out
+    assert "Traceback" not in err  # no stage process dies with a traceback of its own
