@@ -383,6 +383,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
     # 1. Setup
     if cfg.vae_only:
         return train_autoencoder(cfg)
+    quiet_libraries()
     if not cfg.clip:
         raise ConfigError("--clip is required: the stage-0 CLIP directory whose image embeddings the decoder paints")
     if not 0.0 <= cfg.tokenizer_condition_fraction <= 1.0:

@@ -54,11 +54,15 @@ def tiny_cfg(out: Path, clip: Path, **kw) -> DecoderTrainConfig:
     return DecoderTrainConfig.from_dict(base)
 
 
-def test_recipe_end_to_end_and_resume(clip_dir, tmp_path):
+def test_recipe_end_to_end_and_resume(clip_dir, tmp_path, capfd):
+    from transformers.utils import logging as hf_logging
+
     from seedtok.unclip import UnCLIPImageDecoder
 
     out = tmp_path / "run"
+    hf_logging.enable_progress_bar()  # as in a fresh process (another test may have turned it off)
     metrics = train_decoder(tiny_cfg(out, clip_dir))
+    assert "Loading weights" not in capfd.readouterr().err  # transformers' per-load bars stay off
     for key in ("true_embed_strict", "true_embed_colour", "nn_ceiling_strict", "nn_ceiling_colour"):
         assert 0.0 <= metrics[key] <= 1.0
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(metrics)
