@@ -110,9 +110,15 @@ def test_every_preset_schedule_is_a_valid_recipe_config(tmp_path):
     """A mistyped key would otherwise surface only when its stage starts — in the full preset, an
     hour in: every preset's schedules build their recipe configs, and bad overrides fail up front."""
     from seedtok.errors import ConfigError
+    from train_scripts.train_tokenizer import TokenizerTrainConfig
 
     for preset in demo.PRESETS:
         demo.check_schedules(DemoConfig.from_dict(dict(out="x", preset=preset)))
+    # The full preset's stage 2 overrides only the codebook size; the rest of the quantiser stays.
+    full2 = TokenizerTrainConfig.from_dict(dict(demo.PRESETS["full"]["stage2"]))
+    default = TokenizerTrainConfig().tokenizer.quantizer
+    assert full2.tokenizer.quantizer.codebook_size == 8192
+    assert (full2.tokenizer.quantizer.dim, full2.tokenizer.quantizer.type) == (default.dim, default.type)
     # Bad overrides: refused before any stage directory is made.
     out = tmp_path / "demo"
     for schedule, message in (({"stage2": {"codebook": 8192}}, "stage2.*codebook"),
