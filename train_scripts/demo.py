@@ -443,6 +443,7 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
     """
     import multiprocessing as mp
     import signal
+    import threading
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
@@ -452,7 +453,7 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
     def on_sigterm(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwinds through the cleanup below; the shell's exit code
 
-    in_main = _in_main_thread()
+    in_main = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main else None
     try:
         while pending or running:
@@ -477,13 +478,14 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
                 stage, proc, t0 = running.pop(recv)
                 try:
                     reply = recv.recv()
-                except EOFError:
-                    proc.join()
-                    reply = ("error", RuntimeError(f"stage {stage.name}: its process died (exit code "
-                                                   f"{proc.exitcode}) — out of memory or killed?"), "")
+                except EOFError:  # the process died before it could answer
+                    reply = None
                 finally:
                     recv.close()
                 proc.join()
+                if reply is None:
+                    reply = ("error", RuntimeError(f"stage {stage.name}: its process died (exit code "
+                                                   f"{proc.exitcode}) — out of memory or killed?"), "")
                 if reply[0] != "ok":
                     log(f"[{number[stage.name]}/{n}] {stage.name}: failed")
                     error, text = reply[1], reply[2]
@@ -504,13 +506,6 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
             recv.close()
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    """Signal handlers can only be set from the main thread."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _strict(d: Any) -> float | None:
