@@ -129,6 +129,10 @@ class DecoderTrainConfig(ConfigBase):
     seed: int = option(0, help="training seed")
     log_every: int = option(50, help="log every N steps")
     sample_every: int = option(500, help="write a sample grid PNG every N UNet steps (0 = never)")
+    eval_every: int = option(0, help="score the EMA UNet on eval_n test scenes every N UNet steps (logged as "
+                                     "eval_true_embed_* in log.jsonl: accuracy against wall time; 0 = only at the end)")
+    eval_n: int = option(100, help="test scenes decoded and scored at each eval_every (at most n_eval; the "
+                                   "decoder samples ≈ 29 images/s at 64 px, 20 DDIM steps, one thread)")
     ckpt_every: int = option(500, help="checkpoint every N steps (resumable)")
     resume: bool = option(True, help="resume from OUT's checkpoints if present")
     progress: bool = option(True, help="show progress bars")
@@ -390,6 +394,8 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
         raise ConfigError(f"tokenizer_condition_fraction must be in [0, 1], got {cfg.tokenizer_condition_fraction}")
     if cfg.tokenizer_condition_fraction > 0 and not cfg.tokenizer:
         raise ConfigError("tokenizer_condition_fraction > 0 needs --tokenizer (whose codes' embeddings condition the UNet)")
+    if cfg.eval_every < 0 or cfg.eval_n < 1:
+        raise ConfigError(f"eval_every must be ≥ 0 and eval_n ≥ 1, got {cfg.eval_every} and {cfg.eval_n}")
     if cfg.zero_snr and cfg.prediction_type != "v_prediction":
         raise ConfigError("zero_snr needs prediction_type v_prediction")
     if cfg.init_decoder and not cfg.vae:
@@ -515,6 +521,13 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
             path = out / "samples" / f"step_{step + 1:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             _grid(test.images[:n], imgs).save(path)
+            unet.train()
+        if info.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            dec = UnCLIPImageDecoder(pipeline_with(ema_unet()), sampling)
+            scores = evaluate_decoder(dec, test, emb_test, min(cfg.eval_n, cfg.n_eval), seed=cfg.seed)
+            logger.log(step + 1, **{f"eval_{k}": v for k, v in scores.items()})
+            bar.write(f"step {step + 1}: true-embedding strict {scores['true_embed_strict']:.3f} "
+                      f"on {min(cfg.eval_n, cfg.n_eval, len(test))} test scenes")
             unet.train()
         if info.is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             # Also at the last step: a finished run can be extended with a larger --steps.

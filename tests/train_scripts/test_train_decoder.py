@@ -186,6 +186,28 @@ def test_sample_timesteps_draws_the_high_noise_share():
     assert 0.3 < (t[500:] < 850).float().mean() <= 1.0
 
 
+def test_held_out_scores_are_logged_during_training(clip_dir, tmp_path):
+    """eval_every scores the EMA UNet as it trains; the last such score is that of the saved decoder."""
+    from data_pipelines.shapes_arrays import load_shapes_arrays
+    from seedtok.unclip import UnCLIPImageDecoder
+    from train_scripts.train_decoder import clip_embeddings, evaluate_decoder
+
+    out = tmp_path / "run"
+    train_decoder(tiny_cfg(out, clip_dir, eval_every=2, eval_n=6, sample_every=0))
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval_true_embed_strict" in r}
+    assert sorted(evals) == [2, 4]
+    assert all(0.0 <= r["eval_true_embed_colour"] <= 1.0 for r in evals.values())
+    # The step-4 score is the saved (EMA) decoder's on the same 6 test scenes and seed.
+    test = load_shapes_arrays(SHAPES32, "test", 16, progress=False)
+    again = evaluate_decoder(UnCLIPImageDecoder.from_pretrained(out / "decoder"), test,
+                             clip_embeddings(clip_dir, test.images), 6, seed=0)
+    assert {f"eval_{k}": v for k, v in again.items()} == pytest.approx(
+        {k: v for k, v in evals[4].items() if k.startswith("eval_")})
+    with pytest.raises(ConfigError, match="eval_every"):
+        train_decoder(tiny_cfg(tmp_path / "bad", clip_dir, eval_every=-1))
+
+
 def test_recipe_rejects_bad_configs(tmp_path):
     with pytest.raises(ConfigError, match="--clip"):
         train_decoder(DecoderTrainConfig(out=str(tmp_path)))
