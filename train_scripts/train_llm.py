@@ -41,6 +41,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -376,7 +377,12 @@ def train_llm(cfg: LLMTrainConfig) -> dict[str, float]:
     ds_template = load_ds_config(cfg.deepspeed)  # fail fast on a bad config name, before any work
     info = init_deepspeed_distributed(cfg.device)
     if cfg.precision == "bf16" and not bf16_supported(info.device):
-        raise ConfigError(f"bf16 is not supported on {info.device} here (use --precision fp32)")
+        if info.device.type != "cpu":
+            raise ConfigError(f"bf16 is not supported on {info.device} here (use --precision fp32)")
+        # A CPU without AVX-512 bf16 / AMX still computes bf16 correctly (emulated), only slower than fp32:
+        # an explicit request is honoured; `auto` picks fp32 there.
+        warnings.warn("this CPU has no native bf16 (no avx512_bf16): bf16 runs emulated, slower than fp32",
+                      stacklevel=2)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(info.device))
     seed_everything(cfg.seed)
     out = Path(cfg.out)

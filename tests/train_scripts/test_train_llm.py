@@ -170,3 +170,14 @@ def test_caption_targets_choose_what_the_model_says(tmp_path, seed_tok, targets)
                        for a, c in zip(data.answers, canonical))
     with pytest.raises(Exception, match="caption_targets"):
         _cfg(tmp_path / "bad", seed_tok, caption_targets="every")
+
+
+def test_bf16_on_a_cpu_without_native_bf16_runs_emulated_with_a_warning(tmp_path, seed_tok, monkeypatch):
+    """AVX2-only CPUs compute bf16 correctly, only slowly: an explicit bf16 trains (warned); auto picks fp32."""
+    import train_scripts.train_llm as recipe
+
+    monkeypatch.setattr(recipe, "bf16_supported", lambda device: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
+        train_llm(_cfg(tmp_path / "bf16", seed_tok, steps=2, n_val=0, precision="bf16"))
+    assert len(_losses(tmp_path / "bf16")) == 2
+    assert json.loads((tmp_path / "bf16" / "ds_config.json").read_text())["bf16"]["enabled"] is True
