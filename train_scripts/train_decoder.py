@@ -524,10 +524,10 @@ def train_decoder(cfg: DecoderTrainConfig) -> dict[str, float]:
             unet.train()
         if info.is_main and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             dec = UnCLIPImageDecoder(pipeline_with(ema_unet()), sampling)
-            scores = evaluate_decoder(dec, test, emb_test, min(cfg.eval_n, cfg.n_eval), seed=cfg.seed)
+            n = min(cfg.eval_n, cfg.n_eval, len(test))
+            scores = evaluate_decoder(dec, test, emb_test, n, seed=cfg.seed)
             logger.log(step + 1, **{f"eval_{k}": v for k, v in scores.items()})
-            bar.write(f"step {step + 1}: true-embedding strict {scores['true_embed_strict']:.3f} "
-                      f"on {min(cfg.eval_n, cfg.n_eval, len(test))} test scenes")
+            bar.write(f"step {step + 1}: true-embedding strict {scores['true_embed_strict']:.3f} on {n} test scenes")
             unet.train()
         if info.is_main and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
             # Also at the last step: a finished run can be extended with a larger --steps.

@@ -64,6 +64,7 @@ from train_scripts.runtime import (
     check_finite,
     plot_loss_curves,
     quiet_libraries,
+    resolve_precision,
     seed_everything,
     warmup_cosine,
 )
@@ -383,7 +384,7 @@ def train_llm(cfg: LLMTrainConfig) -> dict[str, float]:
         # an explicit request is honoured; `auto` picks fp32 there.
         warnings.warn("this CPU has no native bf16 (no avx512_bf16): bf16 runs emulated, slower than fp32",
                       stacklevel=2)
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(info.device))
+    bf16 = resolve_precision(cfg.precision, info.device) == "bf16"
     seed_everything(cfg.seed)
     out = Path(cfg.out)
     progress = cfg.progress and info.is_main
