@@ -495,11 +495,11 @@ def _run_parallel(cfg: DemoConfig, todo: list[Stage], results: dict[str, Any], f
                     raise error
                 finish(stage, reply[1], time.perf_counter() - t0)
     finally:
-        for recv, (stage, proc, _) in running.items():
+        for stage, proc, _ in running.values():
             if proc.is_alive():
                 log(f"[{number[stage.name]}/{n}] {stage.name}: stopped (re-run to resume it)")
                 proc.terminate()
-        for recv, (stage, proc, _) in running.items():
+        for recv, (_, proc, _) in running.items():
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
