@@ -256,7 +256,7 @@ def build_vae(*, block_out_channels: Sequence[int] = (32, 64, 64), latent_channe
 
 
 def build_unet(*, embed_dim: int, in_channels: int = 4, sample_size: int = 16,
-               block_out_channels: Sequence[int] = (64, 128, 128), layers_per_block: int = 1,
+               block_out_channels: Sequence[int] = (32, 64, 128), layers_per_block: int = 1,
                attention_levels: Sequence[bool] = (False, False, True), attention_head_dim: int = 32,
                scale_shift: bool = True, cross_attention_dim: int = 128, norm_num_groups: int = 16) -> Any:
     """A small Stable-unCLIP-style :class:`~diffusers.UNet2DConditionModel`.

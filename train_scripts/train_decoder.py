@@ -5,7 +5,7 @@ pretrained weights here, this recipe trains a pipeline of the same class, condit
 CLIP's projected image embedding (64-d, raw — the pipeline's image normaliser holds its statistics):
 
 1. **Setup** — Shapes train / test arrays, the CLIP image embeddings of every scene (cached).
-2. **VAE** — a small ``AutoencoderKL`` (64 px → 8×8×8 latents by default), L1 + L2 loss with the
+2. **VAE** — a small ``AutoencoderKL`` (64 px → 16×16×4 latents by default), L1 + L2 loss with the
    shape pixels weighted ``vae_fg_weight``× (white background dominates the plain loss and the
    shapes' colours and corners come late), a tiny KL. Resumable; saved to ``OUT/vae``.
 3. **Latents** — posterior means of every training scene, scaled to unit variance (the VAE's
@@ -95,13 +95,13 @@ class DecoderTrainConfig(ConfigBase):
     vae_decoder_lr: float = option(5e-4, help="peak learning rate of the decoder-only steps")
     vae_batch_size: int = option(32, help="autoencoder batch size")
     vae_lr: float = option(1.5e-3, help="autoencoder peak learning rate")
-    vae_block_out_channels: list[int] = option(default_factory=lambda: [16, 32, 64, 64],
+    vae_block_out_channels: list[int] = option(default_factory=lambda: [16, 32, 64],
                                                help="autoencoder widths; downsampling 2^(levels-1)")
-    vae_latent_channels: int = option(8, help="latent channels")
+    vae_latent_channels: int = option(4, help="latent channels")
     vae_fg_weight: float = option(9.0, help="extra loss weight of non-background pixels")
     vae_kl_weight: float = option(1e-6, help="KL weight (tiny: a near-deterministic autoencoder)")
     # UNet
-    unet_block_out_channels: list[int] = option(default_factory=lambda: [64, 128, 128], help="UNet widths per level")
+    unet_block_out_channels: list[int] = option(default_factory=lambda: [32, 64, 128], help="UNet widths per level")
     unet_attention_levels: list[bool] = option(default_factory=lambda: [False, False, True],
                                                help="self-attention at each level")
     unet_layers_per_block: int = option(1, help="ResNet blocks per level")
