@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from data_pipelines.shapes_arrays import ShapesArrays
 from eval.caption_metrics import attribute_accuracy, caption_metrics
-from seedtok.errors import DataError
+from seedtok.errors import ConfigError, DataError
 
 Captioner = Callable[[list[Image.Image]], list[str]]
 
@@ -101,9 +101,12 @@ def format_caption_metrics(metrics: dict[str, Any]) -> str:
 
 def run_caption_eval(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, split: str = "test", n: int = 300,
                      data_dir: str | os.PathLike | None = None, shapes=None, batch_size: int = 32,
-                     max_new_tokens: int = 64, with_meteor: bool = True, device: str = "cpu",
+                     max_new_tokens: int = 64, num_beams: int = 1, with_meteor: bool = True, device: str = "cpu",
                      progress: bool = True) -> dict[str, Any]:
-    """``seed eval caption``: caption ``n`` scenes with the chat model in ``model_dir`` and score them."""
+    """``seed eval caption``: caption ``n`` scenes with the chat model in ``model_dir`` and score them
+    (greedy captions, or beam search with ``num_beams`` > 1)."""
+    if num_beams < 1:
+        raise ConfigError(f"num_beams must be ≥ 1, got {num_beams}")
     from eval.scenes import load_scenes
     from llm_adapters.chat import SeedChat
 
@@ -111,10 +114,11 @@ def run_caption_eval(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     chat = SeedChat.from_pretrained(model_dir, device=device)
 
     def captioner(images: list[Image.Image]) -> list[str]:
-        return chat.caption(images, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return chat.caption(images, max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
 
     metrics, rows = evaluate_captioner(captioner, scenes, batch_size=batch_size, with_meteor=with_meteor,
                                        progress=progress)
-    metrics = {"model": str(model_dir), "split": split if data_dir is None else str(data_dir), **metrics}
+    metrics = {"model": str(model_dir), "split": split if data_dir is None else str(data_dir), "num_beams": num_beams,
+               **metrics}
     write_caption_eval(out_dir, metrics, rows)
     return metrics

@@ -95,7 +95,8 @@ def _register_caption(sub: argparse._SubParsersAction) -> None:
         "caption",
         help="caption held-out scenes with a chat model: BLEU/METEOR/ROUGE-L/CIDEr and exact attribute accuracy",
         description=(
-            "Caption N scenes with the chat model in --model (SeedChat.caption, greedy) and write "
+            "Caption N scenes with the chat model in --model (SeedChat.caption: greedy, or beam search with "
+            "--num-beams) and write "
             "OUT/predictions.jsonl and OUT/caption_metrics.json: corpus BLEU-1..4, METEOR 1.5 (when Java is "
             "available), ROUGE-L and CIDEr-D against the canonical caption and its paraphrases, and the "
             "Shapes scorer's per-attribute and strict accuracy (overall, single, pair)."
@@ -106,6 +107,7 @@ def _register_caption(sub: argparse._SubParsersAction) -> None:
     _add_scene_arguments(p, 300, "Shapes split to caption (default: test)")
     p.add_argument("--batch-size", type=int, default=32, help="images per captioning batch (default: 32)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest caption in tokens (default: 64)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
     p.add_argument("--no-meteor", dest="meteor", action="store_false", help="skip METEOR (it starts a JVM)")
 
     def handler(args: argparse.Namespace) -> int:
@@ -113,8 +115,8 @@ def _register_caption(sub: argparse._SubParsersAction) -> None:
 
         metrics = run_caption_eval(args.model, args.out, split=args.split, n=args.n, data_dir=args.data,
                                    shapes=_shapes_config(args), batch_size=args.batch_size,
-                                   max_new_tokens=args.max_new_tokens, with_meteor=args.meteor,
-                                   device=args.device, progress=args.progress)
+                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                   with_meteor=args.meteor, device=args.device, progress=args.progress)
         print(format_caption_metrics(metrics))
         print(f"predictions and metrics written to {args.out} ({METRICS_FILE})")
         return 0

@@ -107,8 +107,10 @@ class SeedChat:
 
     def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: GenerationMode,
                   max_new_tokens: int, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                  guidance_scale: float, streamer: Any = None) -> torch.Tensor:
+                  guidance_scale: float, streamer: Any = None, num_beams: int = 1) -> torch.Tensor:
         kwargs: dict[str, Any] = {"do_sample": do_sample}
+        if num_beams > 1:
+            kwargs["num_beams"] = num_beams
         if do_sample:
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         else:  # greedy: silence generation_config's sampling defaults
@@ -208,8 +210,11 @@ class SeedChat:
     # ---- captioning -----------------------------------------------------------------------------
 
     def caption(self, images: Sequence[Any], *, instruction: str = CAPTION_INSTRUCTION, max_new_tokens: int = 64,
-                batch_size: int = 16) -> list[str]:
-        """One caption per image (PIL or path): greedy, text only, independent of :attr:`history`."""
+                batch_size: int = 16, num_beams: int = 1) -> list[str]:
+        """One caption per image (PIL or path), text only, independent of :attr:`history`: greedy, or beam
+        search with ``num_beams`` > 1 (BLIP-2 captions with 5 beams)."""
+        if num_beams < 1:
+            raise ConfigError(f"num_beams must be ≥ 1, got {num_beams}")
         out: list[str] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
@@ -219,7 +224,7 @@ class SeedChat:
                 for c in codes]
             input_ids, mask = self._encode(conversations)
             replies = self._generate(input_ids, mask, mode="text", max_new_tokens=max_new_tokens, do_sample=False,
-                                     temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0)
+                                     temperature=1.0, top_k=0, top_p=1.0, guidance_scale=1.0, num_beams=num_beams)
             out += [self.processor.decode_text(self._strip(r)).strip() for r in replies]
         return out
 

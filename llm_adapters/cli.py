@@ -78,12 +78,14 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_generate)
 
     p = subparsers.add_parser("caption", help="image → caption with a chat model",
-                              description="Print one line per image: its path, a tab, the caption (greedy).")
+                              description="Print one line per image: its path, a tab, the caption (greedy, or beam search "
+                                          "with --num-beams).")
     _add_model_args(p)
     p.add_argument("images", type=Path, nargs="+", metavar="IMG", help="image files")
     p.add_argument("--instruction", default=None, help="user text after the image (default: the training one)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest caption in tokens (default: 64)")
     p.add_argument("--batch-size", type=int, default=16, help="images captioned together (default: 16)")
+    p.add_argument("--num-beams", type=int, default=1, help="beam search width (default: 1 = greedy)")
     p.set_defaults(func=_caption)
 
     p = llm_group(subparsers).add_parser(
@@ -152,12 +154,14 @@ def _caption(args: argparse.Namespace) -> int:
     for path in args.images:
         if not path.is_file():
             raise DataError(f"image not found: {path}")
+    if args.num_beams < 1:
+        raise ConfigError(f"--num-beams must be ≥ 1, got {args.num_beams}")
     chat = _load(args, load_image_decoder=False)
     instruction = args.instruction if args.instruction is not None else CAPTION_INSTRUCTION
     for start in range(0, len(args.images), args.batch_size):
         chunk = args.images[start:start + args.batch_size]
         captions = chat.caption(chunk, instruction=instruction, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, num_beams=args.num_beams)
         for path, caption in zip(chunk, captions):
             print(f"{path}\t{' '.join(caption.split())}", flush=True)
     return 0

@@ -109,6 +109,7 @@ class FakeChat:
         assert len(self.image_index) == len(scenes), "scene images must be distinct"
         self.prompts_seen = 0
         self.loaded: list[str] = []
+        self.caption_kwargs: dict = {}
 
     def install(self, monkeypatch) -> FakeChat:
         """Make ``from llm_adapters.chat import SeedChat`` return a class whose from_pretrained gives self."""
@@ -131,6 +132,7 @@ class FakeChat:
     def caption(self, images, **kw) -> list[str]:
         import numpy as np
 
+        self.caption_kwargs = kw
         return [self._text(self.image_index[np.asarray(im.convert("RGB")).tobytes()]) for im in images]
 
     def generate_images(self, prompts, *, n=1, seed=0, **kw) -> list[list[Image.Image]]:

@@ -50,12 +50,14 @@ def test_cli_writes_predictions_and_metrics(scenes, monkeypatch, tmp_path):
     fake = FakeChat(scenes).install(monkeypatch)
     out = tmp_path / "cap"
     rc = main(["eval", "caption", "--model", str(tmp_path / "model"), "--out", str(out), "--n", "24",
-               "--size", "32", "--no-meteor", "--no-progress"])
-    assert rc == 0 and fake.loaded == [str(tmp_path / "model")]
+               "--size", "32", "--no-meteor", "--no-progress", "--num-beams", "3"])
+    assert rc == 0 and fake.loaded == [str(tmp_path / "model")] and fake.caption_kwargs["num_beams"] == 3
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     metrics = json.loads((out / "caption_metrics.json").read_text())
     assert len(rows) == 24 and rows[1]["strict"] is False
     assert metrics["attributes"]["accuracy"]["strict"] == pytest.approx(0.5)
     assert metrics["split"] == "test" and metrics["ngram"]["absent"] == {"METEOR": "not requested"}
+    assert metrics["num_beams"] == 3
+    assert main(["eval", "caption", "--model", "m", "--out", str(out), "--num-beams", "0"]) == 2
     # The compositional split needs held-out pairs: one-line error, exit status 2.
     assert main(["eval", "caption", "--model", "m", "--out", str(out), "--split", "compositional"]) == 2

@@ -63,6 +63,12 @@ def test_caption_is_deterministic_and_batch_independent(chat, image_paths):
     batched = chat.caption(image_paths, max_new_tokens=10, batch_size=3)
     assert batched == one_by_one and all(isinstance(c, str) for c in batched)
     assert not any("<img" in c for c in batched)
+    # beam search: the same, batched or not, and still text only (the span processor holds for every beam)
+    beams = chat.caption(image_paths, max_new_tokens=10, batch_size=3, num_beams=3)
+    assert beams == [chat.caption([p], max_new_tokens=10, num_beams=3)[0] for p in image_paths]
+    assert not any("<img" in c for c in beams)
+    with pytest.raises(ConfigError, match="num_beams"):
+        chat.caption(image_paths, num_beams=0)
 
 
 def test_generate_codes_and_images(chat):
@@ -111,6 +117,7 @@ def test_cli_caption_prints_path_tab_caption(chat_dir, chat, image_paths, capsys
     expected = chat.caption(image_paths, max_new_tokens=6)
     assert [line.split("\t", 1)[1] for line in lines] == [" ".join(c.split()) for c in expected]
     assert main(["caption", "--model", str(chat_dir), str(image_paths[0].parent / "missing.png")]) == 2
+    assert main(["caption", "--model", str(chat_dir), str(image_paths[0]), "--num-beams", "0"]) == 2
 
 
 def test_cli_chat_session(chat_dir, image_paths, tmp_path, monkeypatch, capsys):
@@ -166,5 +173,6 @@ def test_what_training_sees_is_what_chat_prompts(chat_dir, image_paths):
     assert loss.item() < 0.05
     chat = SeedChat(model.eval(), processor)
     assert chat.caption(image_paths[:2], max_new_tokens=16) == captions
+    assert chat.caption(image_paths[:2], max_new_tokens=16, num_beams=3) == captions
     drawn = chat.generate_codes(captions, do_sample=False)
     assert torch.equal(drawn.codes, codes)
