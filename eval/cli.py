@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -61,8 +62,9 @@ def _add_scene_arguments(p: argparse.ArgumentParser, n_default: int, split_help:
                    help="evaluate on this image folder (PNG + metadata.jsonl from `seed data shapes`) instead of "
                         "rendering --split")
     p.add_argument("--shapes-config", default=None, metavar="YAML",
-                   help="ShapesConfig the model was trained on (e.g. a data folder's shapes_config.yaml); "
-                        "the flags below override it")
+                   help="ShapesConfig the model was trained on (e.g. a data folder's shapes_config.yaml; "
+                        "default: the --model directory's, which `seed llm train` writes when it trains on "
+                        "Shapes); the flags below override it")
     p.add_argument("--size", type=int, default=None, help="Shapes image side (default: 64)")
     p.add_argument("--world-seed", type=int, default=None, help="Shapes world seed (default: 0)")
     p.add_argument("--held-out", default=None, metavar="'COLOUR SHAPE,…'",
@@ -73,9 +75,13 @@ def _add_scene_arguments(p: argparse.ArgumentParser, n_default: int, split_help:
 
 def _shapes_config(args: argparse.Namespace):
     from data_pipelines.shapes import ShapesConfig
+    from data_pipelines.writers import CONFIG_FILE
     from seedtok.errors import ConfigError
 
-    values = ShapesConfig.from_yaml(args.shapes_config).to_dict() if args.shapes_config else {}
+    source = args.shapes_config
+    if source is None and getattr(args, "model", None) and (Path(args.model) / CONFIG_FILE).is_file():
+        source = Path(args.model) / CONFIG_FILE  # the world the model was trained on (held-out pairs and all)
+    values = ShapesConfig.from_yaml(source).to_dict() if source else {}
     if args.size is not None:
         values["image_size"] = args.size
     if args.world_seed is not None:

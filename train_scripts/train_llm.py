@@ -285,7 +285,13 @@ def gathered_trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]
 
 
 def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dict[str, torch.Tensor]) -> Path:
-    """Write OUT/model (rank 0): the full fp32 weights, or the saved base + the trained adapter."""
+    """Write OUT/model (rank 0): the full fp32 weights, or the saved base + the trained adapter.
+
+    Trained on the Shapes world (no ``--data``), the directory also records that world as
+    ``shapes_config.yaml``, so that ``seed eval`` scores it on the same world (its held-out
+    combinations above all) without being told.
+    """
+    from data_pipelines.writers import CONFIG_FILE
     from llm_adapters.chat_model import ADAPTER_DIR, save_chat_model
     from seedtok.io import atomic_directory
 
@@ -296,6 +302,8 @@ def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dic
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
             model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
+            if not cfg.data:
+                cfg.shapes.to_yaml(tmp / CONFIG_FILE)
         shutil.rmtree(staging, ignore_errors=True)
         return out
     base = type(model)(model.config)  # fresh fp32 module: the engine's may be bf16 or ZeRO-3 partitioned
@@ -305,7 +313,10 @@ def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dic
 
     load_state_strict(base, state, "trained weights")
     base.generation_config = model.generation_config
-    return save_chat_model(out, base.eval(), processor)
+    save_chat_model(out, base.eval(), processor)
+    if not cfg.data:
+        cfg.shapes.to_yaml(out / CONFIG_FILE)
+    return out
 
 
 def _base_dir(cfg: LLMTrainConfig) -> Path:

@@ -7,6 +7,7 @@ import json
 import pytest
 from eval_tiny import SHAPES32, FakeChat
 
+from data_pipelines.shapes import ShapesConfig
 from data_pipelines.shapes_arrays import load_shapes_arrays
 from eval.caption_eval import evaluate_captioner, format_caption_metrics
 from seedtok.errors import DataError
@@ -61,3 +62,21 @@ def test_cli_writes_predictions_and_metrics(scenes, monkeypatch, tmp_path):
     assert main(["eval", "caption", "--model", "m", "--out", str(out), "--num-beams", "0"]) == 2
     # The compositional split needs held-out pairs: one-line error, exit status 2.
     assert main(["eval", "caption", "--model", "m", "--out", str(out), "--split", "compositional"]) == 2
+
+
+def test_cli_scores_on_the_world_the_model_directory_records(monkeypatch, tmp_path):
+    """A chat model trained on Shapes records its world (`seed llm train` writes shapes_config.yaml);
+    without world flags, `seed eval caption` renders that world's test split — held-out pairs and all."""
+    from data_pipelines.writers import CONFIG_FILE
+
+    world = ShapesConfig(image_size=32, held_out_combinations=[["red", "triangle"], ["blue", "circle"]])
+    scenes = load_shapes_arrays(world, "test", 12, progress=False)
+    assert scenes.images.tobytes() != load_shapes_arrays(SHAPES32, "test", 12, progress=False).images.tobytes()
+    fake = FakeChat(scenes).install(monkeypatch)  # knows only this world's images
+    model = tmp_path / "model"
+    world.to_yaml(model / CONFIG_FILE)
+    out = tmp_path / "cap"
+    assert main(["eval", "caption", "--model", str(model), "--out", str(out), "--n", "12", "--no-meteor",
+                 "--no-progress"]) == 0 and fake.loaded == [str(model)]
+    metrics = json.loads((out / "caption_metrics.json").read_text())
+    assert metrics["attributes"]["n"] == 12 and metrics["attributes"]["accuracy"]["strict"] == pytest.approx(0.5)

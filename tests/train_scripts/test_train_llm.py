@@ -61,6 +61,8 @@ def test_full_run_learns_and_saves_a_chat_model(tmp_path, seed_tok):
     own = model.state_dict()
     assert all(own[k].dtype == torch.float32 and torch.equal(own[k], v) for k, v in state.items())
     assert processor.vocab.codebook_size == llm_tiny.K and (out / "model" / "seed_tokenizer").is_dir()
+    # … and records the Shapes world it was trained on, for `seed eval`
+    assert ShapesConfig.from_yaml(out / "model" / "shapes_config.yaml") == ShapesConfig(image_size=32)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
@@ -85,6 +87,7 @@ def test_lora_under_zero3_trains_only_the_adapter(tmp_path, seed_tok):
     train_llm(_cfg(out, seed_tok, finetune="lora", deepspeed="zero3", steps=4, n_val=0, precision="bf16",
                    lora={"r": 4, "alpha": 8, "dropout": 0.0}))
     assert (out / "model" / "adapter" / "adapter_model.safetensors").is_file()
+    assert ShapesConfig.from_yaml(out / "model" / "shapes_config.yaml").image_size == 32
     base = load_file(str(out / "model" / "model.safetensors"))
     model, _ = load_chat_model(out / "model", load_vision=False)
     lora_b = [v for k, v in model.state_dict().items() if "lora_B" in k]
