@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from seedtok.errors import CheckpointError, ConfigError
 from seedtok.io import atomic_directory
 
 ADAPTER_DIR = "adapter"
+# The Shapes world a model was trained on (data_pipelines.writers.CONFIG_FILE, written by `seed llm train`;
+# named here, not imported, so that the import graph keeps flowing downstream).
+TRAINING_WORLD_FILE = "shapes_config.yaml"
 # peft wrapper pieces in a PeftModel's state dict, and what the base model calls the same weight
 _PEFT_ONLY = re.compile(r"(lora_|trainable_tokens_|\.modules_to_save\.)")
 _PEFT_RENAMES = ((".token_adapter.base_layer.", "."), (".base_layer.", "."), (".original_module.", "."))
@@ -174,4 +178,8 @@ def merge_chat_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         raise ConfigError("write the merged model to a new directory (--out must differ from --model)")
     model, processor = load_chat_model(model_dir, dtype=dtype, merge=True, load_vision=False,
                                        load_image_decoder=False)
-    return save_chat_model(out_dir, model, processor)
+    out = save_chat_model(out_dir, model, processor)
+    world = model_dir / TRAINING_WORLD_FILE
+    if world.is_file():  # the Shapes world it was trained on travels with the weights (seed eval reads it)
+        shutil.copyfile(world, out / TRAINING_WORLD_FILE)
+    return out

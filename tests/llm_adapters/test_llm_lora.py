@@ -150,7 +150,11 @@ def test_merge_cli_writes_a_plain_directory(trained, tmp_path):
     from train_scripts.cli import main
 
     out = tmp_path / "merged"
+    world = trained["dir"] / "shapes_config.yaml"  # what `seed llm train` records when it trains on Shapes
+    world.write_text("image_size: 32\n")
     assert main(["llm", "merge", "--model", str(trained["dir"]), "--out", str(out)]) == 0
+    world.unlink()
+    assert (out / "shapes_config.yaml").read_text() == "image_size: 32\n"
     assert not (out / "adapter").exists() and (out / "image_vocab.json").is_file()
     assert (out / "seed_tokenizer" / "config.json").is_file()
     peft_model, _ = load_chat_model(trained["dir"], merge=False, load_vision=False, load_image_decoder=False)

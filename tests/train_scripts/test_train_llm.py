@@ -61,8 +61,10 @@ def test_full_run_learns_and_saves_a_chat_model(tmp_path, seed_tok):
     own = model.state_dict()
     assert all(own[k].dtype == torch.float32 and torch.equal(own[k], v) for k, v in state.items())
     assert processor.vocab.codebook_size == llm_tiny.K and (out / "model" / "seed_tokenizer").is_dir()
-    # … and records the Shapes world it was trained on, for `seed eval`
-    assert ShapesConfig.from_yaml(out / "model" / "shapes_config.yaml") == ShapesConfig(image_size=32)
+    # … and records the Shapes world it was trained on, for `seed eval` (under the name `seed llm merge` copies)
+    from llm_adapters.chat_model import TRAINING_WORLD_FILE
+
+    assert ShapesConfig.from_yaml(out / "model" / TRAINING_WORLD_FILE) == ShapesConfig(image_size=32)
 
 
 @pytest.mark.parametrize("finetune", ["full", "lora"])
