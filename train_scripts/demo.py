@@ -87,9 +87,9 @@ class Stage:
 #: Schedules of the training stages per preset (wall times measured on 2 cores: see README).
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
-        # Timed on an idle 2-core machine (2 workers): clip 326 s ‖ vae 288 s, then tokenizer 250 s →
-        # llm 222 s ‖ decoder 393 s, eval 35 s — 13 min 56 s in all. The vae and decoder steps fill the time their
-        # parallel partners (clip; tokenizer + llm) take anyway.
+        # Timed from a clean clone on an idle 2-core machine (2 workers): clip 343 s ‖ vae 312 s, then tokenizer
+        # 247 s → llm 228 s ‖ decoder 402 s, eval 47 s — 14 min 28 s in all with scripts/setup.sh. The vae and
+        # decoder steps fill the time their parallel partners (clip; tokenizer + llm) take anyway.
         "clip": {"steps": 300, "cf_steps": 60, "n_train": 20000},
         "stage1": {"steps": 150, "n_train": 20000, "lr": 1e-3},
         "stage2": {"steps": 250, "n_train": 20000},
