@@ -75,12 +75,12 @@ def _add_scene_arguments(p: argparse.ArgumentParser, n_default: int, split_help:
 
 def _shapes_config(args: argparse.Namespace):
     from data_pipelines.shapes import ShapesConfig
-    from data_pipelines.writers import CONFIG_FILE
+    from llm_adapters.chat_model import TRAINING_WORLD_FILE
     from seedtok.errors import ConfigError
 
     source = args.shapes_config
-    if source is None and getattr(args, "model", None) and (Path(args.model) / CONFIG_FILE).is_file():
-        source = Path(args.model) / CONFIG_FILE  # the world the model was trained on (held-out pairs and all)
+    if source is None and getattr(args, "model", None) and (Path(args.model) / TRAINING_WORLD_FILE).is_file():
+        source = Path(args.model) / TRAINING_WORLD_FILE  # the world the model was trained on (held-out pairs and all)
     values = ShapesConfig.from_yaml(source).to_dict() if source else {}
     if args.size is not None:
         values["image_size"] = args.size

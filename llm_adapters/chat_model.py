@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _check_keys(model_config: Any, state_dict: dict[str, torch.Tensor]) -> None:
 
 
 def save_chat_model(out_dir: str | os.PathLike, model: Any, processor: SeedProcessor, *,
-                    seed_tokenizer: bool = True) -> Path:
+                    seed_tokenizer: bool = True, add_files: Callable[[Path], Any] | None = None) -> Path:
     """Write a chat-model directory atomically.
 
     Args:
@@ -82,6 +83,8 @@ def save_chat_model(out_dir: str | os.PathLike, model: Any, processor: SeedProce
             cannot be saved as plain weights: keep its directory and save the adapter with :func:`save_adapter`.
         processor: tokenizer (with image tokens and chat template), image vocabulary, SEED tokenizer.
         seed_tokenizer: also write ``seed_tokenizer/`` (copied from where it was loaded).
+        add_files: called with the staging directory before it is swapped in, to add files that belong
+            with the weights (e.g. :data:`TRAINING_WORLD_FILE`) in the same atomic write.
     """
     out_dir = Path(out_dir)
     peft = _is_peft(model)
@@ -104,6 +107,8 @@ def save_chat_model(out_dir: str | os.PathLike, model: Any, processor: SeedProce
         else:
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp, seed_tokenizer=seed_tokenizer)
+        if add_files is not None:
+            add_files(tmp)
     return out_dir
 
 
@@ -178,8 +183,7 @@ def merge_chat_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *
         raise ConfigError("write the merged model to a new directory (--out must differ from --model)")
     model, processor = load_chat_model(model_dir, dtype=dtype, merge=True, load_vision=False,
                                        load_image_decoder=False)
-    out = save_chat_model(out_dir, model, processor)
     world = model_dir / TRAINING_WORLD_FILE
-    if world.is_file():  # the Shapes world it was trained on travels with the weights (seed eval reads it)
-        shutil.copyfile(world, out / TRAINING_WORLD_FILE)
-    return out
+    # the Shapes world it was trained on travels with the weights (seed eval reads it)
+    return save_chat_model(out_dir, model, processor, add_files=(
+        (lambda tmp: shutil.copyfile(world, tmp / TRAINING_WORLD_FILE)) if world.is_file() else None))

@@ -291,9 +291,12 @@ def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dic
     ``shapes_config.yaml``, so that ``seed eval`` scores it on the same world (its held-out
     combinations above all) without being told.
     """
-    from data_pipelines.writers import CONFIG_FILE
-    from llm_adapters.chat_model import ADAPTER_DIR, save_chat_model
+    from llm_adapters.chat_model import ADAPTER_DIR, TRAINING_WORLD_FILE, save_chat_model
     from seedtok.io import atomic_directory
+
+    def record_world(directory: Path) -> None:
+        if not cfg.data:
+            cfg.shapes.to_yaml(directory / TRAINING_WORLD_FILE)
 
     out = Path(cfg.out) / "model"
     if cfg.finetune == "lora":
@@ -302,8 +305,7 @@ def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dic
             shutil.copytree(staging, tmp, dirs_exist_ok=True)
             shutil.rmtree(tmp / ADAPTER_DIR, ignore_errors=True)
             model.save_pretrained(tmp / ADAPTER_DIR, state_dict=state)
-            if not cfg.data:
-                cfg.shapes.to_yaml(tmp / CONFIG_FILE)
+            record_world(tmp)
         shutil.rmtree(staging, ignore_errors=True)
         return out
     base = type(model)(model.config)  # fresh fp32 module: the engine's may be bf16 or ZeRO-3 partitioned
@@ -313,10 +315,7 @@ def save_final_model(cfg: LLMTrainConfig, model: Any, processor: Any, state: dic
 
     load_state_strict(base, state, "trained weights")
     base.generation_config = model.generation_config
-    save_chat_model(out, base.eval(), processor)
-    if not cfg.data:
-        cfg.shapes.to_yaml(out / CONFIG_FILE)
-    return out
+    return save_chat_model(out, base.eval(), processor, add_files=record_world)
 
 
 def _base_dir(cfg: LLMTrainConfig) -> Path:
